@@ -1,0 +1,1 @@
+"""Geometry representations: grid encodings and neural fields."""

@@ -1,0 +1,1 @@
+"""2D diffusion priors (through diffusers) and the camera-conditioned LoRA."""

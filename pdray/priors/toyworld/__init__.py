@@ -1,0 +1,1 @@
+"""The toy world: a procedural 3D world, its tiny Stable-Diffusion-format prior, and its judge."""

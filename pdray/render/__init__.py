@@ -1,0 +1,1 @@
+"""Renderers: differentiable volume rendering of neural fields."""
