@@ -1,6 +1,6 @@
 """Benchmark the toy prior: judge accuracy, judged fidelity of DDIM samples per CFG, colour entropy, timing.
 
-    python benchmarks/toy_prior.py [--model toyworld|PATH] [--device cpu|cuda] [--samples-per-prompt 32]
+python benchmarks/toy_prior.py [--model toyworld|PATH] [--device cpu|cuda] [--samples-per-prompt 32]
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def main() -> None:
     for cfg in [float(c) for c in args.cfgs.split(",")]:
         prompts = [p for p in closed for _ in range(k)] + [p for p in open_prompts for _ in range(k)]
         started = time.time()
-        images = sample_images(prior, prompts, steps=args.steps, cfg=cfg, seed=int(cfg * 10), batch_size=512,
-                               progress=False).to(args.device)
+        images = sample_images(
+            prior, prompts, steps=args.steps, cfg=cfg, seed=int(cfg * 10), batch_size=512, progress=False
+        ).to(args.device)
         closed_images, open_images = images[: len(closed) * k], images[len(closed) * k :]
         agree = torch.cat([judge.agreement(closed_images[i * k : (i + 1) * k], p) for i, p in enumerate(closed)])
         entropies, shape_ok = [], []
@@ -78,7 +79,9 @@ def main() -> None:
         grid = image_grid(closed_images[:: k // 2 if k >= 2 else 1][:96].cpu(), columns=12)
         from PIL import Image
 
-        Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(out / f"samples_cfg{cfg}.png")
+        Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(
+            out / f"samples_cfg{cfg}.png"
+        )
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

@@ -92,8 +92,9 @@ class Cameras:
         return labels
 
 
-def sample_cameras(n: int, ranges: CameraRanges = CameraRanges(), generator: torch.Generator | None = None) -> Cameras:
+def sample_cameras(n: int, ranges: CameraRanges | None = None, generator: torch.Generator | None = None) -> Cameras:
     """Draw n cameras uniformly from the ranges; the same generator state gives the same cameras."""
+    ranges = ranges or CameraRanges()
 
     def uniform(lo_hi: tuple[float, float]) -> torch.Tensor:
         lo, hi = lo_hi
@@ -122,7 +123,11 @@ def camera_rays(cameras: Cameras, resolution: int) -> tuple[torch.Tensor, torch.
     coords = (torch.arange(resolution, device=device, dtype=torch.float32) + 0.5) / resolution * 2.0 - 1.0
     ys, xs = torch.meshgrid(-coords, coords, indexing="ij")  # top row has y = +1
     dirs_cam = torch.stack(
-        [xs[None] * half[:, None, None], ys[None] * half[:, None, None], -torch.ones_like(xs)[None].expand(len(cameras), -1, -1)],
+        [
+            xs[None] * half[:, None, None],
+            ys[None] * half[:, None, None],
+            -torch.ones_like(xs)[None].expand(len(cameras), -1, -1),
+        ],
         dim=-1,
     )  # [B, H, W, 3]
     dirs = torch.einsum("bij,bhwj->bhwi", c2w[:, :3, :3], dirs_cam)
@@ -139,4 +144,3 @@ def camera_embedding(cameras: Cameras) -> torch.Tensor:
 def fixed_light_direction() -> torch.Tensor:
     """The world's single directional light (unit vector towards the light): above, front-left."""
     return torch.nn.functional.normalize(torch.tensor([0.5, 0.3, 0.8]), dim=0)
-

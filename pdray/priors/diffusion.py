@@ -63,8 +63,9 @@ def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor)
 class DiffusionPrior:
     """A pretrained text-to-image diffusion model used as a frozen score function."""
 
-    def __init__(self, model: str | Path = TOY_MODEL, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self, model: str | Path = TOY_MODEL, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ):
         self.model_name = str(model)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -73,15 +74,21 @@ class DiffusionPrior:
         kwargs = {"local_files_only": offline}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-            self.text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=self.dtype,
-                                                              **kwargs)
+            self.text_encoder = CLIPTextModel.from_pretrained(
+                source, subfolder="text_encoder", torch_dtype=self.dtype, **kwargs
+            )
             self.vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=self.dtype, **kwargs)
-            self.unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=self.dtype,
-                                                             **kwargs)
+            self.unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=self.dtype, **kwargs)
             self.scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
         except (OSError, ValueError) as err:
-            hint = ("the hub is offline (HF_HUB_OFFLINE=1): download it on a machine with network "
-                    f"(`hf download {source}`) or pass a local folder with --model PATH") if offline else str(err)
+            hint = (
+                (
+                    "the hub is offline (HF_HUB_OFFLINE=1): download it on a machine with network "
+                    f"(`hf download {source}`) or pass a local folder with --model PATH"
+                )
+                if offline
+                else str(err)
+            )
             raise PriorNotFoundError(f"could not load diffusion model {source!r}: {hint}") from err
         for module in (self.text_encoder, self.vae, self.unet):
             module.to(self.device).requires_grad_(False).eval()
@@ -89,8 +96,9 @@ class DiffusionPrior:
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.prediction_type = self.scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"{source}: prediction_type {self.prediction_type!r} is not supported "
-                             "(epsilon or v_prediction)")
+            raise ValueError(
+                f"{source}: prediction_type {self.prediction_type!r} is not supported (epsilon or v_prediction)"
+            )
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self._embedding_cache: dict[str, torch.Tensor] = {}
 
@@ -100,8 +108,13 @@ class DiffusionPrior:
         """Text embeddings [B, L, D] for prompts, cached per prompt string."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embedding_cache]
         if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+            ids = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
             hidden = self.text_encoder(ids)[0]
             for prompt, h in zip(missing, hidden, strict=True):
                 self._embedding_cache[prompt] = h
@@ -146,9 +159,16 @@ class DiffusionPrior:
             return eps_from_v(x_t.float(), output.float(), self.alpha_bar(t))
         return output.float()
 
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                    guidance_scale: float = 7.5, class_labels: torch.Tensor | None = None,
-                    unet: torch.nn.Module | None = None) -> torch.Tensor:
+    def predict_eps(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+        guidance_scale: float = 7.5,
+        class_labels: torch.Tensor | None = None,
+        unet: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
         """Classifier-free-guided noise prediction in one batched UNet call; float32 [B, C, h, w].
 
         x_t: [B, C, h, w]; t: [B] integer timesteps; cond / uncond: [B, L, D] text embeddings.
@@ -157,10 +177,16 @@ class DiffusionPrior:
         """
         unet = unet or self.unet
         if uncond is None or guidance_scale == 1.0:
-            out = unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype), class_labels=class_labels).sample
+            out = unet(
+                x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype), class_labels=class_labels
+            ).sample
             return self.model_output_to_eps(x_t, out, t)
         labels = None if class_labels is None else torch.cat([class_labels, class_labels])
-        out = unet(torch.cat([x_t, x_t]).to(self.dtype), torch.cat([t, t]),
-                   encoder_hidden_states=torch.cat([uncond, cond]).to(self.dtype), class_labels=labels).sample
+        out = unet(
+            torch.cat([x_t, x_t]).to(self.dtype),
+            torch.cat([t, t]),
+            encoder_hidden_states=torch.cat([uncond, cond]).to(self.dtype),
+            class_labels=labels,
+        ).sample
         eps_uncond, eps_cond = self.model_output_to_eps(torch.cat([x_t, x_t]), out, torch.cat([t, t])).chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)

@@ -10,9 +10,16 @@ from pdray.priors.diffusion import DiffusionPrior, v_from_eps
 
 
 @torch.no_grad()
-def sample_images(prior: DiffusionPrior, prompts: list[str], steps: int = 50, cfg: float = 7.5,
-                  negative_prompt: str = "", seed: int = 0, batch_size: int = 64,
-                  progress: bool = True) -> torch.Tensor:
+def sample_images(
+    prior: DiffusionPrior,
+    prompts: list[str],
+    steps: int = 50,
+    cfg: float = 7.5,
+    negative_prompt: str = "",
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> torch.Tensor:
     """One DDIM sample (eta 0) per prompt; returns images [N, 3, H, W] in [0, 1] on the CPU."""
     scheduler = DDIMScheduler.from_config(prior.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
@@ -25,8 +32,9 @@ def sample_images(prior: DiffusionPrior, prompts: list[str], steps: int = 50, cf
         cond = prior.embed(chunk)
         uncond = prior.embed([negative_prompt] * len(chunk))
         scheduler.set_timesteps(steps, device=prior.device)
-        for t in tqdm(scheduler.timesteps, desc=f"sample {start + len(chunk)}/{len(prompts)}", disable=not progress,
-                      leave=False):
+        for t in tqdm(
+            scheduler.timesteps, desc=f"sample {start + len(chunk)}/{len(prompts)}", disable=not progress, leave=False
+        ):
             t_batch = t.expand(len(chunk))
             eps = prior.predict_eps(x, t_batch, cond, uncond, cfg)
             if prior.prediction_type == "v_prediction":  # DDIM steps in the model's own parameterisation

@@ -15,7 +15,8 @@ Example (a blob-initialised field seen by two cameras)::
     >>> out = render_volume(field, BackgroundField(), origins, dirs, n_samples=32, normal_fn=field.normals)
     >>> out.rgb.shape, out.opacity.shape, out.weights.shape
     (torch.Size([2, 16, 16, 3]), torch.Size([2, 16, 16, 1]), torch.Size([2, 16, 16, 32]))
-    >>> loss = out.rgb.mean() + 10.0 * sparsity_loss(out.opacity) + orientation_loss(out.weights, out.sample_normals, dirs)
+    >>> reg = orientation_loss(out.weights, out.sample_normals, dirs)
+    >>> loss = out.rgb.mean() + 10.0 * sparsity_loss(out.opacity) + reg
     >>> loss.backward()
 """
 

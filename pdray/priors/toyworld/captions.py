@@ -48,5 +48,7 @@ def parse_prompt(prompt: str) -> PromptLabels:
     words = prompt.lower().replace(",", " ").split()
     shape = next((w for w in words if w in SHAPES), None)
     colour = next((w for w in words if w in COLOUR_NAMES), None)
-    view = next((w for w, nxt in zip(words, words[1:] + [""], strict=True) if w in VIEW_SUFFIXES and nxt == "view"), None)
+    view = next(
+        (w for w, nxt in zip(words, [*words[1:], ""], strict=True) if w in VIEW_SUFFIXES and nxt == "view"), None
+    )
     return PromptLabels(shape, colour, view)

@@ -29,12 +29,26 @@ class Judge(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.SiLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.SiLU(),
+            )
 
-        self.body = nn.Sequential(block(3, width), nn.AvgPool2d(2), block(width, 2 * width), nn.AvgPool2d(2),
-                                  block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(4 * width, FEATURE_DIM), nn.SiLU())
+        self.body = nn.Sequential(
+            block(3, width),
+            nn.AvgPool2d(2),
+            block(width, 2 * width),
+            nn.AvgPool2d(2),
+            block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * width, FEATURE_DIM),
+            nn.SiLU(),
+        )
         self.shape_head = nn.Linear(FEATURE_DIM, len(SHAPES))
         self.colour_head = nn.Linear(FEATURE_DIM, len(COLOUR_NAMES))
         self.view_head = nn.Linear(FEATURE_DIM, len(VIEWS))

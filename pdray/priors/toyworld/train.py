@@ -117,8 +117,9 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, pool: dict[str, torch
         idx = torch.randint(len(latents), (cfg.unet_batch_size,), generator=gen)
         x0 = latents[idx.to(latents.device)]
         captions = [caption(*labels[i].tolist(), rng) for i in idx.tolist()]
-        ids = tokenizer(captions, padding="max_length", max_length=toy.MAX_TOKENS, truncation=True,
-                        return_tensors="pt").input_ids.to(cfg.device)
+        ids = tokenizer(
+            captions, padding="max_length", max_length=toy.MAX_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids.to(cfg.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(cfg.device)
         noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
         x_t = scheduler.add_noise(x0, noise, t)
@@ -141,8 +142,13 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, pool: dict[str, torch
             tqdm.write(f"stopping the UNet phase at step {steps_done}: past max_minutes={cfg.max_minutes}")
             break
     ema.copy_to(params)
-    return unet.eval(), text_encoder.eval(), tokenizer, scheduler, {"unet_steps_done": steps_done,
-                                                                     "unet_loss_ema": loss_avg}
+    return (
+        unet.eval(),
+        text_encoder.eval(),
+        tokenizer,
+        scheduler,
+        {"unet_steps_done": steps_done, "unet_loss_ema": loss_avg},
+    )
 
 
 def train_toy_prior(out: Path, cfg: ToyTrainConfig) -> dict:
@@ -168,8 +174,14 @@ def train_toy_prior(out: Path, cfg: ToyTrainConfig) -> dict:
     scheduler.save_pretrained(tmp / "scheduler")
     toy.write_model_index(tmp)
     save_judge(judge.cpu(), tmp / "judge")
-    report = {"config": asdict(cfg), "vae_loss": vae_loss, "scaling_factor": scaling_factor, **unet_stats,
-              "minutes": (time.time() - started) / 60, "torch": torch.__version__}
+    report = {
+        "config": asdict(cfg),
+        "vae_loss": vae_loss,
+        "scaling_factor": scaling_factor,
+        **unet_stats,
+        "minutes": (time.time() - started) / 60,
+        "torch": torch.__version__,
+    }
     (tmp / "training.json").write_text(json.dumps(report, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

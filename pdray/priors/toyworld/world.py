@@ -51,8 +51,10 @@ def _cone(p: torch.Tensor, radius: float, half_height: float) -> torch.Tensor:
     q = torch.stack([p[..., :2].norm(dim=-1), p[..., 2]], dim=-1)
     k1 = q.new_tensor([0.0, half_height])
     k2 = q.new_tensor([-radius, 2 * half_height])
-    ca = torch.stack([q[..., 0] - torch.minimum(q[..., 0], torch.where(q[..., 1] < 0, radius, 0.0)),
-                      q[..., 1].abs() - half_height], dim=-1)
+    ca = torch.stack(
+        [q[..., 0] - torch.minimum(q[..., 0], torch.where(q[..., 1] < 0, radius, 0.0)), q[..., 1].abs() - half_height],
+        dim=-1,
+    )
     t = (((k1 - q) * k2).sum(-1) / (k2 * k2).sum()).clamp(0.0, 1.0)
     cb = q - k1 + k2 * t[..., None]
     s = torch.where((cb[..., 0] < 0) & (ca[..., 1] < 0), -1.0, 1.0)
@@ -94,8 +96,13 @@ def shape_sdf(shape: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if shape == "chair":
         seat = _box(p, (0, 0, -0.02), (0.25, 0.25, 0.04))
         back = _box(p, (-0.22, 0, 0.24), (0.03, 0.25, 0.24))
-        legs = torch.stack([_box(p, (sx * 0.21, sy * 0.21, -0.26), (0.035, 0.035, 0.21))
-                            for sx in (-1, 1) for sy in (-1, 1)], -1).min(-1).values
+        legs = (
+            torch.stack(
+                [_box(p, (sx * 0.21, sy * 0.21, -0.26), (0.035, 0.035, 0.21)) for sx in (-1, 1) for sy in (-1, 1)], -1
+            )
+            .min(-1)
+            .values
+        )
         return torch.minimum(torch.minimum(seat, back), legs), ones
     if shape == "house":
         body = _box(p, (0, 0, -0.14), (0.3, 0.3, 0.26))
@@ -170,19 +177,24 @@ def sample_world(
     n: int,
     generator: torch.Generator,
     resolution: int = 32,
-    ranges: CameraRanges = CameraRanges(),
+    ranges: CameraRanges | None = None,
     device: torch.device | str = "cpu",
     supersample: int = 2,
 ) -> WorldBatch:
     """n random objects (uniform shape and colour, small size and colour jitter) from random default cameras."""
     shapes = torch.randint(len(SHAPES), (n,), generator=generator)
     colours = torch.randint(len(COLOUR_NAMES), (n,), generator=generator)
-    cameras = sample_cameras(n, ranges, generator)
+    cameras = sample_cameras(n, ranges or CameraRanges(), generator)
     scales = 0.9 + 0.2 * torch.rand(n, generator=generator)
     jitter = 0.06 * (torch.rand(n, 3, generator=generator) * 2 - 1)
     views = torch.tensor([VIEWS.index(v) if v in VIEWS else 0 for v in cameras.view_labels()])
     images = render_objects(
-        shapes.to(device), colours.to(device), cameras.to(device), resolution, supersample,
-        scales.to(device), jitter.to(device),
+        shapes.to(device),
+        colours.to(device),
+        cameras.to(device),
+        resolution,
+        supersample,
+        scales.to(device),
+        jitter.to(device),
     )
     return WorldBatch(images, shapes.to(device), colours.to(device), views.to(device), cameras.to(device))

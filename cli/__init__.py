@@ -1,0 +1,1 @@
+"""The `pdray` command-line app (installed as pdray.cli)."""

@@ -1,0 +1,178 @@
+"""The `pdray` command line: parses arguments and calls the library; nothing else lives here.
+
+Heavy libraries (torch, diffusers, ray) are imported inside commands so that `pdray --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="pdray: diverse text-to-3D with Variational Score Distillation, scaled out with Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+prior_app = typer.Typer(help="Train and inspect diffusion priors.", no_args_is_help=True)
+app.add_typer(prior_app, name="prior")
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def clean_errors(command):
+    """Turn the library's expected errors into one line and exit code 2, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from pdray.config import ConfigError
+        from pdray.priors.diffusion import PriorNotFoundError
+
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, PriorNotFoundError, FileNotFoundError) as err:
+            fail(str(err))
+
+    return wrapper
+
+
+def not_yet(name: str) -> None:
+    fail(f"`pdray {name}` is not yet available in this version")
+
+
+@app.command()
+def doctor() -> None:
+    """Versions, CUDA devices, the backend each piece would use, and whether the default prior is present."""
+    import torch
+
+    from pdray.geometry.hashgrid import encoding_backend_name, tcnn_unavailable_reason
+    from pdray.priors.diffusion import TOY_MODEL_DIR
+
+    typer.echo(f"python      {platform.python_version()} ({sys.executable})")
+    for name in ("pdray", "torch", "diffusers", "transformers", "peft", "ray", "wandb", "trimesh", "xatlas"):
+        try:
+            version = importlib.import_module(name).__version__
+        except Exception as err:  # a broken optional install should not stop the report
+            version = f"not importable ({err.__class__.__name__})"
+        typer.echo(f"{name:<11} {version}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            typer.echo(f"cuda:{i}      {props.name}, {props.total_memory / 2**30:.1f} GiB")
+    else:
+        typer.echo("cuda        not available (CPU only)")
+    grid = encoding_backend_name("auto")
+    reason = tcnn_unavailable_reason()
+    typer.echo(f"hash grid   {grid}" + (f" (tinycudann unused: {reason})" if reason else ""))
+    has_nvdiffrast = importlib.util.find_spec("nvdiffrast") is not None
+    raster = "nvdiffrast" if has_nvdiffrast and torch.cuda.is_available() else "torch"
+    typer.echo(f"rasteriser  {raster}" + ("" if has_nvdiffrast else " (nvdiffrast not installed)"))
+    present = (TOY_MODEL_DIR / "model_index.json").exists()
+    typer.echo(f"toy prior   {'present' if present else 'MISSING'} at {TOY_MODEL_DIR}")
+
+
+@app.command()
+@clean_errors
+def sample(
+    prompt: Annotated[str, typer.Option(help="Text prompt.")],
+    out: Annotated[Path, typer.Option(help="Output PNG grid.")],
+    n: Annotated[int, typer.Option("-n", "--n", min=1, help="Number of samples.")] = 8,
+    model: Annotated[str, typer.Option(help="Prior: toyworld, a hub id or a local folder.")] = "toyworld",
+    steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 50,
+    cfg: Annotated[float, typer.Option(min=1.0, help="Classifier-free guidance scale.")] = 7.5,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when available).")] = None,
+) -> None:
+    """Ancestral (DDIM) samples from a prior into an image grid: the way to check what a prior believes."""
+    import torch
+
+    from pdray.imaging import save_png
+    from pdray.priors.diffusion import DiffusionPrior
+    from pdray.priors.sampling import image_grid, sample_images
+
+    if out.suffix.lower() != ".png":
+        fail(f"--out must be a .png file, got {out}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    prior = DiffusionPrior(model, device=device)
+    images = sample_images(prior, [prompt] * n, steps=steps, cfg=cfg, negative_prompt=negative_prompt, seed=seed)
+    save_png(image_grid(images, columns=min(n, 8)), out)
+    typer.echo(f"wrote {out} ({n} samples of {prompt!r}, cfg {cfg}, {steps} DDIM steps, model {model})")
+
+
+@prior_app.command("train-toy")
+@clean_errors
+def train_toy(
+    out: Annotated[Path, typer.Option(help="Folder to write the prior into (SD format + judge/).")],
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    pool_size: Annotated[int, typer.Option(min=16, help="Rendered training images.")] = 20000,
+    vae_steps: Annotated[int, typer.Option(min=1)] = 1200,
+    unet_steps: Annotated[int, typer.Option(min=1)] = 4500,
+    judge_steps: Annotated[int, typer.Option(min=1)] = 800,
+    max_minutes: Annotated[float, typer.Option(min=0.1, help="Stop the UNet phase past this wall time.")] = 100.0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast (fast on CUDA; slow on this project's CPU).")] = False,
+) -> None:
+    """Render the toy world and train its prior (VAE, UNet, text encoder) and judge, seeded and reproducible."""
+    import json
+
+    import torch
+
+    from pdray.priors.toyworld.train import ToyTrainConfig, train_toy_prior
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = ToyTrainConfig(
+        seed=seed,
+        pool_size=pool_size,
+        vae_steps=vae_steps,
+        unet_steps=unet_steps,
+        judge_steps=judge_steps,
+        max_minutes=max_minutes,
+        device=device,
+        bf16=bf16,
+    )
+    report = train_toy_prior(out, cfg)
+    typer.echo(json.dumps(report, indent=2))
+
+
+@app.command()
+def run() -> None:
+    """Distil a prompt into N diverse 3D particles (NeRF, then meshes) and fill a run folder."""
+    not_yet("run")
+
+
+@app.command()
+def resume() -> None:
+    """Continue a run from its last checkpoint (`pdray resume RUN_DIR`)."""
+    not_yet("resume")
+
+
+@app.command()
+def export() -> None:
+    """Run the mesh stage on a finished run and export textured GLB/OBJ meshes."""
+    not_yet("export")
+
+
+@app.command()
+def submit() -> None:
+    """Submit `pdray run ...` to a Ray cluster as a Ray job."""
+    not_yet("submit")
+
+
+@app.command()
+def study() -> None:
+    """Run a grid of runs (guidance x cfg x particles x seeds) and write the diversity study."""
+    not_yet("study")
+
+
+if __name__ == "__main__":
+    app()

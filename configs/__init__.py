@@ -1,0 +1,1 @@
+"""YAML run presets, shipped in the package as pdray.configs (`--config NAME`)."""

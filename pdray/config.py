@@ -1,0 +1,273 @@
+"""The typed run configuration: presets (YAML) + dotted overrides -> one validated RunConfig.
+
+Every knob has one name, used alike in YAML, on the command line (``--set lora.rank=8``) and in logs.
+Errors name the key and what is allowed, in one line. Configs are dumped as plain YAML and read back
+with ``yaml.safe_load``; a saved config reloads unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pdray.geometry.hashgrid import GridConfig
+from pdray.geometry.nerf import FieldConfig
+
+PRESETS_PACKAGE = "pdray.configs"
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Unit = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class ConfigError(ValueError):
+    """A config problem, stated in one line that names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class PriorConfig(Section):
+    model: str = "toyworld"
+    """The pretrained diffusion model: "toyworld" (shipped), a hub id or a local Stable-Diffusion-format folder."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """UNet / VAE precision: auto is float16 on CUDA and float32 on the CPU."""
+    view_dependent_prompting: bool = True
+    """Append ", front view" / ", side view" / ", back view" / ", overhead view" by camera azimuth (DreamFusion)."""
+
+
+class TRange(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    start: tuple[Unit, Unit] = (0.02, 0.98)
+    """Range of t / T sampled before ``at_step``."""
+    end: tuple[Unit, Unit] = (0.02, 0.50)
+    """Range of t / T sampled from ``at_step`` on (ProlificDreamer anneals the upper bound to 0.5)."""
+    at_step: Annotated[int, Field(ge=0)] = 5000
+    """The step at which the range switches."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TRange:
+        for name in ("start", "end"):
+            lo, hi = getattr(self, name)
+            if lo >= hi:
+                raise ValueError(f"{name} must be [low, high] with low < high, got [{lo}, {hi}]")
+        return self
+
+
+class LoraConfig(Section):
+    rank: Annotated[int, Field(ge=1)] = 4
+    """LoRA rank on the UNet attention projections (to_q, to_k, to_v, to_out.0)."""
+    alpha: Annotated[float, Field(gt=0)] = 4.0
+    """LoRA scaling numerator (the update is scaled by alpha / rank)."""
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    """AdamW learning rate of the LoRA and the camera embedding (paper: 1e-4)."""
+    camera_condition: bool = True
+    """Condition the LoRA on the camera (flattened 4x4 camera-to-world matrix through a class embedding)."""
+    camera_dropout: Probability = 0.1
+    """Probability of dropping the camera condition in a LoRA training step."""
+    base: str = "same"
+    """"same": the LoRA sits on the prior's UNet; else a model id/folder for a separate base (paper: SD 2.1 v-pred)."""
+    cfg: Annotated[float, Field(ge=1.0)] = 1.0
+    """Classifier-free guidance of the LoRA's prediction; 1.0 runs no extra unconditional pass."""
+    steps_per_update: Annotated[int, Field(ge=1)] = 1
+    """LoRA optimisation steps per particle step."""
+
+
+class CameraConfig(Section):
+    elevation: tuple[float, float] = (-10.0, 45.0)
+    """Elevation range, degrees."""
+    azimuth: tuple[float, float] = (-180.0, 180.0)
+    """Azimuth range, degrees (0 looks at the object's front)."""
+    distance: tuple[float, float] = (1.3, 1.7)
+    """Camera distance range, world units (objects live in a sphere of radius 1)."""
+    fov: tuple[float, float] = (40.0, 50.0)
+    """Vertical field of view range, degrees."""
+    views_per_step: Annotated[int, Field(ge=1)] = 1
+    """Cameras rendered per particle per step."""
+
+
+class NerfConfig(Section):
+    field: FieldConfig = FieldConfig(
+        grid=GridConfig(kind="dense", backend="auto", n_levels=3, base_resolution=16, per_level_scale=2.0),
+        hidden_dim=32,
+    )
+    """The density / albedo field (grid encoding + MLP)."""
+    resolution: Annotated[int, Field(ge=8)] = 32
+    """Render resolution (pixels) during distillation."""
+    n_samples: Annotated[int, Field(ge=4)] = 32
+    """Stratified samples per ray."""
+    shading: Literal["albedo", "lambertian", "textureless"] = "albedo"
+    """Shading of renders during distillation."""
+    random_background_prob: Probability = 0.0
+    """Probability of a random solid background colour per render."""
+    lr_grid: Annotated[float, Field(gt=0)] = 1e-2
+    """Adam learning rate of the grid encoding (paper: 1e-2)."""
+    lr_net: Annotated[float, Field(gt=0)] = 1e-3
+    """Adam learning rate of the MLPs (paper: 1e-3)."""
+    sparsity_weight: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of the opacity sparsity regulariser."""
+    opacity_entropy_weight: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of the opacity binary-entropy regulariser."""
+    orientation_weight: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of DreamFusion's orientation regulariser (needs normals)."""
+
+
+class ImageParticleConfig(Section):
+    space: Literal["latent", "rgb"] = "latent"
+    """What the 2D particle is: a latent (decoded for viewing) or an RGB image (encoded each step)."""
+    lr: Annotated[float, Field(gt=0)] = 1e-2
+    """Adam learning rate of the image particle."""
+
+
+class RunConfig(Section):
+    prompt: str = "a cube"
+    """The text prompt."""
+    negative_prompt: str = ""
+    """The negative prompt (the unconditional branch of classifier-free guidance)."""
+    particles: Annotated[int, Field(ge=1, le=4096)] = 4
+    """Number of particles (3D assets) optimised together."""
+    guidance: Literal["vsd", "sds"] = "vsd"
+    """Variational score distillation (ProlificDreamer) or score distillation sampling (DreamFusion)."""
+    cfg: Annotated[float, Field(ge=1.0)] = 7.5
+    """Classifier-free guidance scale of the pretrained prediction (paper: 7.5 for VSD, 100 for SDS)."""
+    seed: Annotated[int, Field(ge=0)] = 0
+    """Seed of every random stream (each particle derives its own)."""
+    steps: Annotated[int, Field(ge=1)] = 400
+    """Optimisation steps of the NeRF (or 2D) stage."""
+    particle: Literal["nerf", "image"] = "nerf"
+    """3D NeRF particles, or 2D image particles (the paper's 2D experiments)."""
+    stages: list[Literal["nerf", "mesh"]] = ["nerf"]
+    """Stages to run, in order."""
+    executor: Literal["local", "ray"] = "local"
+    """Where the work runs: one local process, or Ray actors."""
+    t_range: TRange = TRange(at_step=200)
+    """The annealed timestep range."""
+    prior: PriorConfig = PriorConfig()
+    """The pretrained diffusion prior."""
+    lora: LoraConfig = LoraConfig()
+    """The camera-conditioned LoRA (VSD only)."""
+    camera: CameraConfig = CameraConfig()
+    """Camera sampling during distillation."""
+    nerf: NerfConfig = NerfConfig()
+    """NeRF particles."""
+    image: ImageParticleConfig = ImageParticleConfig()
+    """2D image particles."""
+    log_every: Annotated[int, Field(ge=1)] = 10
+    """Steps between metric lines (and progress updates)."""
+    checkpoint_every: Annotated[int, Field(ge=1)] = 100
+    """Steps between checkpoints into checkpoints/latest."""
+    eval_views: Annotated[int, Field(ge=1)] = 8
+    """Fixed evaluation cameras (an orbit) for views.png and judge scores."""
+    wandb: Literal["offline", "online", "off"] = "offline"
+    """W&B mode; online reads WANDB_API_KEY from the environment."""
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def _read_yaml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path} does not exist")
+        text = path.read_text()
+    else:
+        candidate = resources.files(PRESETS_PACKAGE) / f"{name_or_path}.yaml"
+        if not candidate.is_file():
+            raise ConfigError(f"unknown config preset {name_or_path!r}; presets: {', '.join(preset_names())}")
+        text = candidate.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{name_or_path}: not valid YAML ({err.__class__.__name__})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name_or_path}: a config must be a mapping of keys to values")
+    base = data.pop("base", None)
+    if base is not None:  # a preset may build on another: `base: default`
+        data = _merge(_read_yaml(str(base)), data)
+    return data
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """ "lora.rank=8" -> {"lora": {"rank": 8}}; the value is read as YAML (numbers, lists, booleans)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict[str, Any] = value
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def _allowed_keys(model: Any, loc: tuple) -> list[str]:
+    """The field names allowed at loc's parent (pydantic models and dataclasses), for error messages."""
+    current = model
+    for part in loc[:-1]:
+        if hasattr(current, "model_fields"):
+            field = current.model_fields.get(part)
+            current = field.annotation if field is not None else None
+        else:
+            current = typing.get_type_hints(current).get(part) if dataclasses.is_dataclass(current) else None
+    if hasattr(current, "model_fields"):
+        return list(current.model_fields)
+    return [f.name for f in dataclasses.fields(current)] if dataclasses.is_dataclass(current) else []
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = tuple(str(p) for p in first["loc"])
+        key = ".".join(loc) or "config"
+        if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            raise ConfigError(f"{key}: unknown key; allowed here: {', '.join(_allowed_keys(RunConfig, loc))}") from None
+        got = first.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        raise ConfigError(f"{key}: {first['msg']}{shown}") from None
+
+
+def load_config(
+    preset: str = "default", overrides: list[str] | None = None, extra: dict[str, Any] | None = None
+) -> RunConfig:
+    """Preset (name or YAML path), then ``--set`` overrides in order, then explicit CLI options."""
+    data = _read_yaml(preset)
+    for item in overrides or []:
+        data = _merge(data, parse_override(item))
+    if extra:
+        data = _merge(data, {k: v for k, v in extra.items() if v is not None})
+    return validate(data)
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config as plain YAML, atomically (write, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config_to_yaml(config))
+    tmp.replace(path)
