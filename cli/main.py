@@ -144,16 +144,81 @@ def train_toy(
     typer.echo(json.dumps(report, indent=2))
 
 
+def default_run_dir(prompt: str) -> Path:
+    """runs/<date>-<time>-<prompt-slug>, the slug cut to a safe length."""
+    import datetime
+    import re
+
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "run"
+    return Path("runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{slug}"
+
+
 @app.command()
-def run() -> None:
+@clean_errors
+def run(
+    prompt: Annotated[str | None, typer.Option(help="Text prompt.")] = None,
+    particles: Annotated[int | None, typer.Option(help="Number of particles (3D assets).")] = None,
+    config: Annotated[str, typer.Option("--config", help="Preset name or YAML path.")] = "default",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a knob: --set lora.rank=8.")] = None,
+    guidance: Annotated[str | None, typer.Option(help="vsd or sds.")] = None,
+    cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimisation steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    stages: Annotated[str | None, typer.Option(help="Comma-separated stages to run: nerf.")] = None,
+    executor: Annotated[str | None, typer.Option(help="local (one process) or ray.")] = None,
+    wandb: Annotated[str | None, typer.Option(help="offline, online or off.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<date>-<time>-<prompt>).")] = None,
+) -> None:
     """Distil a prompt into N diverse 3D particles (NeRF, then meshes) and fill a run folder."""
-    not_yet("run")
+    from pdray.config import load_config
+
+    extra = {
+        "prompt": prompt,
+        "particles": particles,
+        "guidance": guidance,
+        "cfg": cfg,
+        "steps": steps,
+        "seed": seed,
+        "executor": executor,
+        "wandb": wandb,
+        "stages": stages.split(",") if stages else None,
+    }
+    run_config = load_config(config, set_, extra)
+    if "mesh" in run_config.stages:
+        fail("the mesh stage is not yet available: use --stages nerf")
+    if run_config.executor == "ray":
+        fail("the Ray executor is not yet available: use --executor local")
+    run_dir = out or default_run_dir(run_config.prompt)
+    if (run_dir / "checkpoints").exists():
+        fail(f"{run_dir} already holds a run; continue it with `pdray resume {run_dir}` or choose another --out")
+    _execute(run_config, run_dir, resume=False)
+
+
+def _execute(run_config, run_dir: Path, resume: bool) -> None:
+    import json
+
+    import torch
+
+    from pdray.local_executor import run_local
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        summary = run_local(run_config, run_dir, resume=resume)
+    except KeyboardInterrupt:
+        raise typer.Exit(code=130) from None
+    typer.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
+    typer.echo(f"run folder: {run_dir}")
 
 
 @app.command()
-def resume() -> None:
-    """Continue a run from its last checkpoint (`pdray resume RUN_DIR`)."""
-    not_yet("resume")
+@clean_errors
+def resume(run_dir: Annotated[Path, typer.Argument(help="The run folder to continue.")]) -> None:
+    """Continue a run from its last checkpoint with the same particles and seeds."""
+    from pdray.config import load_config
+
+    if not (run_dir / "config.yaml").exists():
+        fail(f"{run_dir} is not a run folder (no config.yaml)")
+    _execute(load_config(str(run_dir / "config.yaml")), run_dir, resume=True)
 
 
 @app.command()

@@ -160,6 +160,8 @@ class RunConfig(Section):
     """NeRF particles."""
     image: ImageParticleConfig = ImageParticleConfig()
     """2D image particles."""
+    score_batch_size: Annotated[int, Field(ge=1)] = 32
+    """Most latents per UNet call in the score estimator (the memory budget)."""
     log_every: Annotated[int, Field(ge=1)] = 10
     """Steps between metric lines (and progress updates)."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 100

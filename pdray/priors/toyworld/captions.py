@@ -6,8 +6,8 @@ import random
 from dataclasses import dataclass
 
 from pdray.priors.toyworld.world import ASYMMETRIC_SHAPES, COLOUR_NAMES, SHAPES, VIEWS
+from pdray.prompts import VIEW_SUFFIXES
 
-VIEW_SUFFIXES = {view: f", {view} view" for view in ("front", "side", "back", "overhead")}
 VOCABULARY = ("a", ",", "view", *SHAPES, *COLOUR_NAMES, "front", "side", "back", "overhead")
 
 

@@ -1,0 +1,60 @@
+"""The mathematics of score distillation, as pure tensor functions (no Ray, no NeRF, no files).
+
+SDS (DreamFusion):      grad = w(t) (eps_pretrained(x_t, t, y) - noise)
+VSD (ProlificDreamer):  grad = w(t) (eps_pretrained(x_t, t, y) - eps_lora(x_t, t, c, y))
+with w(t) = 1 - alpha_bar_t. The gradient is injected into the particle's latents through a surrogate
+loss whose derivative with respect to the latents is exactly ``grad``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def t_bounds(step: int, start: tuple[float, float], end: tuple[float, float], at_step: int) -> tuple[float, float]:
+    """The [low, high] fraction of the diffusion time range sampled at ``step`` (a hard switch at at_step)."""
+    return end if step >= at_step else start
+
+
+def sample_timesteps(
+    n: int, bounds: tuple[float, float], num_train_timesteps: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """n independent integer timesteps, uniform in [low * T, high * T]: one per particle view. [n] int64."""
+    low = int(round(bounds[0] * num_train_timesteps))
+    high = max(low + 1, int(round(bounds[1] * num_train_timesteps)) + 1)
+    return torch.randint(low, min(high, num_train_timesteps), (n,), generator=generator)
+
+
+def weighting(alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """w(t) = 1 - alpha_bar_t (DreamFusion and ProlificDreamer); alpha_bar_t shaped [B, 1, 1, 1]."""
+    return 1.0 - alpha_bar_t
+
+
+def sds_grad(eps_pretrained: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """Score distillation sampling gradient on latents [B, C, h, w]."""
+    return weighting(alpha_bar_t) * (eps_pretrained - noise)
+
+
+def vsd_grad(eps_pretrained: torch.Tensor, eps_lora: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """Variational score distillation gradient on latents [B, C, h, w]: the LoRA's score replaces the noise."""
+    return weighting(alpha_bar_t) * (eps_pretrained - eps_lora)
+
+
+def drop_nonfinite(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Zero the gradient of every sample [B, ...] that holds a NaN or inf; return it and how many were dropped."""
+    finite = torch.isfinite(grad.flatten(1)).all(dim=1)
+    dropped = int((~finite).sum())
+    if dropped == 0:
+        return grad, 0
+    return torch.where(finite.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad)), dropped
+
+
+def surrogate_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A scalar whose gradient with respect to ``latents`` is exactly ``grad`` (the target is detached)."""
+    target = (latents - grad).detach()
+    return 0.5 * ((latents - target) ** 2).sum()
+
+
+def lora_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The LoRA's ordinary diffusion loss: mean squared error to the noise (or to v for v-prediction)."""
+    return torch.nn.functional.mse_loss(prediction.float(), target.float())

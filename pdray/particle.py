@@ -1,0 +1,257 @@
+"""Particles: the things VSD optimises. Each owns its parameters and its optimiser.
+
+A particle turns cameras into latents with autograd kept (render -> VAE encode, or the latent itself), and
+takes a gradient on those latents. ``ParticleGroup`` holds k particles and is what a Ray ParticleActor (or
+the local executor) drives: ``render(step)`` then ``apply(step, grads)``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pdray.cameras import CameraRanges, Cameras, camera_rays, sample_cameras
+from pdray.checkpoint import load_optimizer_tensors, optimizer_tensors
+from pdray.config import RunConfig
+from pdray.distill import drop_nonfinite, surrogate_loss
+from pdray.geometry.nerf import BackgroundField, NeRFField
+from pdray.priors.diffusion import DiffusionPrior
+from pdray.render.volume import opacity_entropy_loss, orientation_loss, render_volume, sparsity_loss
+
+
+def stream(*keys: int) -> torch.Generator:
+    """A generator determined by integer keys (run seed, particle id, step...): resumable without saved RNG state."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class RenderOut:
+    """What a particle group sends to the score estimator: detached latents and their cameras."""
+
+    latents: torch.Tensor  # [V_total, C, h, w], detached, on the CPU
+    c2w: torch.Tensor  # [V_total, 4, 4]; zeros for 2D particles (no camera)
+    view_labels: list[str | None]  # prompt suffix label per latent (None: no suffix)
+    particle_ids: list[int]  # which particle each latent belongs to
+
+
+class Particle:
+    """Interface: latents(cameras) with grad, images(cameras) for viewing, a regulariser, an optimiser, state."""
+
+    optimizer: torch.optim.Optimizer
+    has_cameras = True
+
+    def latents(self, cameras: Cameras, prior: DiffusionPrior, generator: torch.Generator | None = None):
+        """Latents [V, C, h, w] of the particle seen from cameras, with autograd kept."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def images(self, cameras: Cameras, prior: DiffusionPrior) -> torch.Tensor:
+        raise NotImplementedError
+
+    def regularisation(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def modules(self) -> dict[str, torch.nn.Module | torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, module in self.modules().items():
+            items = module.state_dict().items() if isinstance(module, torch.nn.Module) else [("", module)]
+            out.update({f"{name}.{k}" if k else name: v.detach().cpu().contiguous() for k, v in items})
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, module in self.modules().items():
+            if isinstance(module, torch.nn.Module):
+                prefix = f"{name}."
+                module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            else:
+                with torch.no_grad():
+                    module.copy_(tensors[name])
+
+
+class ImageParticle(Particle):
+    """The paper's 2D particle: a latent (decoded for viewing) or an RGB image (encoded each step)."""
+
+    has_cameras = False
+
+    def __init__(self, config: RunConfig, prior: DiffusionPrior, generator: torch.Generator):
+        self.space = config.image.space
+        res = prior.image_resolution
+        if self.space == "latent":
+            size = res // prior.vae_scale
+            init = torch.randn(1, prior.latent_channels, size, size, generator=generator)
+        else:
+            init = 0.5 + 0.1 * torch.randn(1, 3, res, res, generator=generator)
+        self.value = torch.nn.Parameter(init.to(prior.device))
+        self.optimizer = torch.optim.Adam([self.value], lr=config.image.lr)
+
+    def latents(self, cameras: Cameras, prior: DiffusionPrior, generator: torch.Generator | None = None):
+        n = len(cameras)
+        if self.space == "latent":
+            return self.value.expand(n, -1, -1, -1)
+        return prior.encode(self.value.clamp(0, 1).expand(n, -1, -1, -1))
+
+    @torch.no_grad()
+    def images(self, cameras: Cameras, prior: DiffusionPrior) -> torch.Tensor:
+        image = prior.decode(self.value) if self.space == "latent" else self.value.clamp(0, 1)
+        return image.expand(len(cameras), -1, -1, -1).cpu()
+
+    def modules(self) -> dict[str, torch.nn.Module | torch.nn.Parameter]:
+        return {"value": self.value}
+
+
+class NeRFParticle(Particle):
+    """A NeRF (density + albedo field and a background) rendered by ray marching, encoded by the VAE."""
+
+    def __init__(self, config: RunConfig, prior: DiffusionPrior, generator: torch.Generator):
+        self.config = config.nerf
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        self.field = NeRFField(self.config.field).to(prior.device)
+        self.background = BackgroundField().to(prior.device)
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": self.field.encoding.parameters(), "lr": self.config.lr_grid},
+                {"params": self.field.mlp.parameters(), "lr": self.config.lr_net},
+                {"params": self.background.parameters(), "lr": self.config.lr_net},
+            ],
+            betas=(0.9, 0.99),
+            eps=1e-15,
+        )
+        self._last = None
+
+    def render(self, cameras: Cameras, generator: torch.Generator | None = None, resolution: int | None = None):
+        origins, dirs = camera_rays(
+            cameras.to(next(self.field.parameters()).device), resolution or self.config.resolution
+        )
+        needs_normals = self.config.shading != "albedo" or self.config.orientation_weight > 0
+        out = render_volume(
+            self.field,
+            self.background,
+            origins,
+            dirs,
+            self.config.n_samples,
+            shading=self.config.shading,
+            generator=generator,
+            random_background_prob=self.config.random_background_prob,
+            normal_fn=self.field.normals if needs_normals else None,
+        )
+        self._last = (out, dirs)
+        return out
+
+    def latents(self, cameras: Cameras, prior: DiffusionPrior, generator: torch.Generator | None = None):
+        out = self.render(cameras, generator)
+        return prior.encode(out.rgb.permute(0, 3, 1, 2))
+
+    @torch.no_grad()
+    def images(self, cameras: Cameras, prior: DiffusionPrior, resolution: int | None = None) -> torch.Tensor:
+        out = self.render(cameras, resolution=resolution)
+        self._last = None
+        return out.rgb.permute(0, 3, 1, 2).clamp(0, 1).cpu()
+
+    def regularisation(self) -> torch.Tensor:
+        if self._last is None:
+            return torch.zeros(())
+        out, dirs = self._last
+        loss = self.config.sparsity_weight * sparsity_loss(out.opacity)
+        loss = loss + self.config.opacity_entropy_weight * opacity_entropy_loss(out.opacity)
+        if self.config.orientation_weight > 0:
+            loss = loss + self.config.orientation_weight * orientation_loss(out.weights, out.sample_normals, dirs)
+        return loss
+
+    def modules(self) -> dict[str, torch.nn.Module | torch.nn.Parameter]:
+        return {"field": self.field, "background": self.background}
+
+
+def build_particle(config: RunConfig, prior: DiffusionPrior, particle_id: int) -> Particle:
+    generator = stream(config.seed, particle_id, 0xA11CE)
+    return (
+        ImageParticle(config, prior, generator)
+        if config.particle == "image"
+        else NeRFParticle(config, prior, generator)
+    )
+
+
+class ParticleGroup:
+    """k particles driven together: render all to latents (graphs kept), then apply one gradient each."""
+
+    def __init__(self, config: RunConfig, particle_ids: list[int], prior: DiffusionPrior):
+        self.config, self.prior, self.particle_ids = config, prior, list(particle_ids)
+        self.particles = {pid: build_particle(config, prior, pid) for pid in self.particle_ids}
+        c = config.camera
+        self.ranges = CameraRanges(c.elevation, c.azimuth, c.distance, c.fov)
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def cameras(self, particle_id: int, step: int) -> Cameras:
+        """The cameras particle ``particle_id`` sees at ``step``: a pure function of (seed, id, step)."""
+        return sample_cameras(
+            self.config.camera.views_per_step, self.ranges, stream(self.config.seed, particle_id, step)
+        )
+
+    def render(self, step: int) -> tuple[RenderOut, dict[str, float]]:
+        started = time.perf_counter()
+        latents, c2w, labels, owners = [], [], [], []
+        for pid, particle in self.particles.items():
+            cams = self.cameras(pid, step)
+            z = particle.latents(cams, self.prior, stream(self.config.seed, pid, step, 1))
+            self._pending[pid] = z
+            latents.append(z.detach().float().cpu())
+            if particle.has_cameras:
+                c2w.append(cams.c2w())
+                labels += cams.view_labels()
+            else:
+                c2w.append(torch.zeros(len(cams), 4, 4))
+                labels += [None] * len(cams)
+            owners += [pid] * len(cams)
+        out = RenderOut(torch.cat(latents), torch.cat(c2w), labels, owners)
+        return out, {"time/render": time.perf_counter() - started}
+
+    def apply(self, step: int, grads: torch.Tensor) -> dict[str, float]:
+        """Backpropagate each particle's slice of grads [V_total, C, h, w] through its render and step it."""
+        started = time.perf_counter()
+        dropped, reg = 0, 0.0
+        offset = 0
+        for pid, particle in self.particles.items():
+            z = self._pending.pop(pid)
+            g = grads[offset : offset + z.shape[0]].to(z.device, z.dtype)
+            offset += z.shape[0]
+            g, n_bad = drop_nonfinite(g)
+            dropped += n_bad
+            regularisation = particle.regularisation()
+            loss = surrogate_loss(z, g) / z.shape[0] + regularisation
+            particle.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            particle.optimizer.step()
+            reg += float(regularisation.detach())
+        if offset != grads.shape[0]:
+            raise ValueError(f"step {step}: got {grads.shape[0]} gradients for {offset} latents")
+        return {
+            "time/backward": time.perf_counter() - started,
+            "nonfinite_dropped": dropped,
+            "regularisation": reg / max(1, len(self.particles)),
+        }
+
+    @torch.no_grad()
+    def images(self, cameras: Cameras) -> dict[int, torch.Tensor]:
+        """Every particle seen from the same cameras (evaluation views, turntables): [V, 3, H, W] each."""
+        return {pid: p.images(cameras, self.prior) for pid, p in self.particles.items()}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for pid, particle in self.particles.items():
+            out.update({f"{pid:04d}.{k}": v for k, v in particle.state_tensors().items()})
+            out.update({f"{pid:04d}.optim.{k}": v for k, v in optimizer_tensors(particle.optimizer).items()})
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for pid, particle in self.particles.items():
+            mine = {k[5:]: v for k, v in tensors.items() if k.startswith(f"{pid:04d}.")}
+            if not mine:
+                raise KeyError(f"checkpoint holds no state for particle {pid}")
+            particle.load_state_tensors({k: v for k, v in mine.items() if not k.startswith("optim.")})
+            load_optimizer_tensors(particle.optimizer, {k[6:]: v for k, v in mine.items() if k.startswith("optim.")})

@@ -1,0 +1,147 @@
+"""CameraLoRA: the score model of the particles' own render distribution (VSD's eps_phi).
+
+A peft LoRA on the UNet's attention projections plus a camera embedding (the flattened 4x4 camera-to-world
+matrix mapped into the time-embedding space, plugged in as diffusers' class embedding). With base "same"
+the LoRA sits on the prior's own UNet: the pretrained prediction comes from the same weights with the
+adapter disabled and no camera embedding, so nothing leaks and no second copy is held in memory.
+With another base (the paper: SD 2.1 v-prediction beside SD 2.1-base) a separate UNet carries the LoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.models.embeddings import TimestepEmbedding
+from peft import LoraConfig as PeftLoraConfig
+
+from pdray.config import LoraConfig
+from pdray.distill import lora_loss
+from pdray.priors.diffusion import DiffusionPrior, resolve_model, v_from_eps
+
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+CAMERA_DIM = 16
+
+
+class CameraLoRA:
+    """LoRA + camera embedding on a UNet, with its own AdamW; predicts eps and trains on particle latents."""
+
+    def __init__(self, prior: DiffusionPrior, config: LoraConfig, seed: int = 0):
+        self.prior, self.config = prior, config
+        torch.manual_seed(seed)
+        if config.base == "same":
+            self.unet, self.prediction_type = prior.unet, prior.prediction_type
+        else:
+            source, local = resolve_model(config.base)
+            self.unet = UNet2DConditionModel.from_pretrained(
+                source, subfolder="unet", torch_dtype=prior.dtype, local_files_only=True if local else None
+            )
+            self.unet.to(prior.device).requires_grad_(False).eval()
+            self.prediction_type = DDPMScheduler.from_pretrained(source, subfolder="scheduler").config.prediction_type
+        if self.unet.class_embedding is not None:
+            raise ValueError(f"{config.base}: the UNet already has a class embedding; the camera cannot be added")
+        self.unet.add_adapter(
+            PeftLoraConfig(
+                r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian", target_modules=TARGET_MODULES
+            )
+        )
+        self.unet.disable_adapters()
+        time_dim = self.unet.time_embedding.linear_2.out_features
+        self.camera_embedding = TimestepEmbedding(CAMERA_DIM, time_dim).to(prior.device)
+        torch.nn.init.zeros_(self.camera_embedding.linear_2.weight)  # starts as the base model exactly
+        torch.nn.init.zeros_(self.camera_embedding.linear_2.bias)
+        self.lora_parameters = [p for n, p in self.unet.named_parameters() if "lora_" in n]
+        for p in self.lora_parameters:
+            p.data = p.data.float()  # train the LoRA in float32 even on a float16 UNet
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.lora_parameters + list(self.camera_embedding.parameters())
+
+    @contextmanager
+    def active(self) -> Iterator[torch.nn.Module]:
+        """The UNet with the adapter and camera embedding switched on; both are off again on exit."""
+        self.unet.enable_adapters()
+        self.unet.class_embedding = self.camera_embedding if self.config.camera_condition else None
+        try:
+            yield self.unet
+        finally:
+            self.unet.class_embedding = None
+            self.unet.disable_adapters()
+
+    def _camera_labels(self, c2w: torch.Tensor) -> torch.Tensor | None:
+        return (
+            c2w.reshape(-1, CAMERA_DIM).to(self.prior.device, torch.float32) if self.config.camera_condition else None
+        )
+
+    def _to_eps(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "v_prediction":
+            a = self.prior.alpha_bar(t)
+            return a.sqrt() * out.float() + (1 - a).sqrt() * x_t.float()
+        return out.float()
+
+    def _forward(self, unet, x_t, t, cond, labels) -> torch.Tensor:
+        dtype = self.prior.dtype
+        return unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype), class_labels=labels).sample
+
+    @torch.no_grad()
+    def predict_eps(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        c2w: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """eps_lora(x_t, t, c, y): x_t [B, C, h, w], t [B], cond [B, L, D], c2w [B, 4, 4] -> float32 eps."""
+        labels = self._camera_labels(c2w)
+        with self.active() as unet:
+            if self.config.cfg == 1.0 or uncond is None:
+                return self._to_eps(x_t, self._forward(unet, x_t, t, cond, labels), t)
+            both_labels = None if labels is None else torch.cat([labels, labels])
+            out = self._forward(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]), both_labels)
+            eps_u, eps_c = self._to_eps(torch.cat([x_t, x_t]), out, torch.cat([t, t])).chunk(2)
+            return eps_u + self.config.cfg * (eps_c - eps_u)
+
+    def train_step(
+        self, latents: torch.Tensor, cond: torch.Tensor, c2w: torch.Tensor, generator: torch.Generator
+    ) -> float:
+        """One AdamW step of the diffusion loss on detached particle latents, fresh t and noise; camera dropped
+        with probability camera_dropout. Returns the loss."""
+        latents = latents.detach().to(self.prior.device, torch.float32)
+        b = latents.shape[0]
+        t = torch.randint(0, self.prior.num_train_timesteps, (b,), generator=generator).to(self.prior.device)
+        noise = torch.randn(latents.shape, generator=generator).to(self.prior.device)
+        x_t = self.prior.add_noise(latents, noise, t)
+        labels = self._camera_labels(c2w)
+        if labels is not None:
+            keep = (torch.rand(b, generator=generator) >= self.config.camera_dropout).to(labels)
+            labels = labels * keep[:, None]
+        target = noise if self.prediction_type == "epsilon" else v_from_eps(x_t, noise, self.prior.alpha_bar(t))
+        with self.active() as unet:  # backward inside: peft freezes LoRA weights again on exit
+            loss = lora_loss(self._forward(unet, x_t, t, cond, labels), target)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return float(loss.detach())
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """LoRA weights and camera embedding by name (safetensors-ready)."""
+        names = {id(p): n for n, p in self.unet.named_parameters() if "lora_" in n}
+        out = {f"lora.{names[id(p)]}": p.detach().cpu().contiguous() for p in self.lora_parameters}
+        out.update(
+            {f"camera.{k}": v.detach().cpu().contiguous() for k, v in self.camera_embedding.state_dict().items()}
+        )
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(self.unet.named_parameters())
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key.startswith("lora."):
+                    params[key[len("lora.") :]].copy_(value)
+        self.camera_embedding.load_state_dict(
+            {k[len("camera.") :]: v for k, v in tensors.items() if k.startswith("camera.")}
+        )

@@ -1,0 +1,87 @@
+"""What a run records: metrics.jsonl and summary.json on disk, and one W&B run (offline by default).
+
+Only the driver logs, so W&B steps stay monotonic; the step is the VSD step (``vsd_step`` metric).
+The W&B API key is read by wandb itself from the environment and never written or logged by pdray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pdray.config import RunConfig
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, config: RunConfig, resume: bool = False):
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if config.wandb != "off":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(
+                project="pdray",
+                dir=str(run_dir),
+                mode=config.wandb,
+                name=run_dir.name,
+                config=config.model_dump(mode="json"),
+                resume="allow" if resume else None,
+                id=_wandb_id(run_dir),
+                reinit="finish_previous",
+            )
+            self.wandb.define_metric("vsd_step")
+            self.wandb.define_metric("*", step_metric="vsd_step")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({"vsd_step": step, **metrics})
+
+    def log_particles(self, step: int, images: dict[int, torch.Tensor]) -> None:
+        """Per-particle render grids: one image per particle and a table with one row per particle."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        from pdray.imaging import to_uint8
+
+        table = wandb.Table(columns=["particle", "views"])
+        for pid, views in images.items():
+            table.add_data(pid, wandb.Image(to_uint8(torch.cat(list(views), dim=2))))
+        self.wandb.log({"vsd_step": step, "particles": table})
+
+    def summary(self, data: dict[str, Any]) -> None:
+        path = self.run_dir / "summary.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in data.items() if isinstance(v, (int, float, str))})
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable W&B id per run folder, so a resumed run continues the same W&B run."""
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def mean_pairwise_distance(features: torch.Tensor) -> float:
+    """Mean Euclidean distance over all pairs of rows of features [N, D]; 0 for fewer than two."""
+    if features.shape[0] < 2:
+        return 0.0
+    d = torch.cdist(features.float(), features.float())
+    n = features.shape[0]
+    return float(d.sum() / (n * (n - 1)))
