@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdray.geometry.hashgrid import GridConfig
 from pdray.geometry.nerf import FieldConfig
@@ -171,6 +171,11 @@ class RunConfig(Section):
     wandb: Literal["offline", "online", "off"] = "offline"
     """W&B mode; online reads WANDB_API_KEY from the environment."""
 
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _off_is_a_word(cls, value: Any) -> Any:
+        return "off" if value is False else value
+
 
 def preset_names() -> list[str]:
     return sorted(
@@ -208,15 +213,21 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_YAML11_WORDS = {"on", "off", "yes", "no", "y", "n"}
+
+
 def parse_override(item: str) -> dict[str, Any]:
     """ "lora.rank=8" -> {"lora": {"rank": 8}}; the value is read as YAML (numbers, lists, booleans)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like key.sub=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    if raw.strip().lower() in _YAML11_WORDS:  # keep "off" a word, not YAML 1.1's False
+        value: Any = raw.strip()
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
     out: dict[str, Any] = value
     for part in reversed(key.strip().split(".")):
         out = {part: out}

@@ -20,8 +20,8 @@ def sample_timesteps(
     n: int, bounds: tuple[float, float], num_train_timesteps: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """n independent integer timesteps, uniform in [low * T, high * T]: one per particle view. [n] int64."""
-    low = int(round(bounds[0] * num_train_timesteps))
-    high = max(low + 1, int(round(bounds[1] * num_train_timesteps)) + 1)
+    low = round(bounds[0] * num_train_timesteps)
+    high = max(low + 1, round(bounds[1] * num_train_timesteps) + 1)
     return torch.randint(low, min(high, num_train_timesteps), (n,), generator=generator)
 
 

@@ -1,0 +1,148 @@
+"""The distillation core on the tiny random fixture: LoRA, particles, score estimator, checkpoints."""
+
+import pytest
+import torch
+
+from pdray.checkpoint import load_checkpoint
+from pdray.config import load_config
+from pdray.local_executor import checkpoint
+from pdray.particle import ParticleGroup
+from pdray.priors.diffusion import TOY_MODEL_DIR, DiffusionPrior
+from pdray.priors.lora import CameraLoRA
+from pdray.score import ScoreEstimator
+
+
+def tiny_config(model, *overrides):
+    return load_config(
+        "default",
+        [f"prior.model={model}", "nerf.resolution=16", "nerf.n_samples=8", "particles=2", "wandb=off", *overrides],
+    )
+
+
+def test_lora_training_leaves_the_base_unet_bit_identical_and_the_pretrained_prediction_unchanged(tiny_model):
+    prior = DiffusionPrior(tiny_model, device="cpu")
+    x_t, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([100, 800]), prior.embed(["a cube"] * 2)
+    before_eps = prior.predict_eps(x_t, t, cond, guidance_scale=1.0)
+    before = {k: v.clone() for k, v in prior.unet.state_dict().items()}
+    config = tiny_config(tiny_model, "lora.lr=1e-2").lora
+    lora = CameraLoRA(prior, config)
+    c2w = torch.eye(4).expand(2, 4, 4)
+    # Zero-initialised camera embedding + LoRA B = 0: the LoRA starts as the base model.
+    torch.testing.assert_close(lora.predict_eps(x_t, t, cond, c2w), before_eps)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        lora.train_step(torch.randn(2, 4, 8, 8), cond, c2w, generator)
+    after = {k.replace(".base_layer", ""): v for k, v in prior.unet.state_dict().items() if "lora_" not in k}
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert not any("lora" in k for k in before)
+    # The adapter and the camera embedding are off outside LoRA calls: no leak into eps_pretrained.
+    assert prior.unet.class_embedding is None
+    torch.testing.assert_close(prior.predict_eps(x_t, t, cond, guidance_scale=1.0), before_eps)
+    assert not torch.allclose(lora.predict_eps(x_t, t, cond, c2w), before_eps)
+    # The camera now matters to the LoRA.
+    other = torch.eye(4).expand(2, 4, 4).clone()
+    other[:, :3, 3] = 1.5
+    assert not torch.allclose(lora.predict_eps(x_t, t, cond, c2w), lora.predict_eps(x_t, t, cond, other))
+
+
+def test_lora_on_a_separate_v_prediction_base(tiny_model, tiny_v_model):
+    prior = DiffusionPrior(tiny_model, device="cpu")
+    lora = CameraLoRA(prior, tiny_config(tiny_model, f"lora.base={tiny_v_model}").lora)
+    assert lora.unet is not prior.unet and lora.prediction_type == "v_prediction"
+    loss = lora.train_step(
+        torch.randn(2, 4, 8, 8), prior.embed(["a"] * 2), torch.eye(4).expand(2, 4, 4), torch.Generator().manual_seed(0)
+    )
+    assert loss > 0
+
+
+@pytest.mark.parametrize("particle", ["nerf", "image"])
+def test_gradients_reach_particle_parameters(tiny_model, particle):
+    config = tiny_config(tiny_model, f"particle={particle}")
+    prior = DiffusionPrior(tiny_model, device="cpu")
+    group, score = ParticleGroup(config, [0, 1], prior), ScoreEstimator(config, prior)
+    before = {k: v.clone() for k, v in group.state_tensors().items() if ".optim." not in k}
+    render, _ = group.render(0)
+    assert render.latents.shape[0] == 2 and render.latents.requires_grad is False
+    grads, stats = score.grads(0, render)
+    assert stats["t_max"] <= 980 and grads[0].shape == render.latents.shape
+    score.lora_update(0, render)
+    group.apply(0, grads[0])
+    after = group.state_tensors()
+    changed = [k for k, v in before.items() if not torch.equal(after[k], v)]
+    assert any(k.startswith("0000.") for k in changed) and any(k.startswith("0001.") for k in changed)
+
+
+def test_sds_mode_has_no_lora(tiny_model):
+    config = tiny_config(tiny_model, "guidance=sds", "cfg=100")
+    score = ScoreEstimator(config, DiffusionPrior(tiny_model, device="cpu"))
+    assert score.lora is None and score.state_tensors() == {}
+
+
+@pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").exists(), reason="toy prior not trained yet")
+def test_a_short_2d_vsd_run_lowers_the_lora_loss():
+    # On the trained toy prior: the LoRA learns the particles' distribution (a random tiny UNet cannot).
+    config = load_config("image2d", ["particles=4", "lora.lr=1e-3", "wandb=off"])
+    prior = DiffusionPrior("toyworld", device="cpu")
+    group, score = ParticleGroup(config, [0, 1, 2, 3], prior), ScoreEstimator(config, prior)
+    losses = []
+    for step in range(40):
+        render, _ = group.render(step)
+        grads, _ = score.grads(step, render)
+        losses.append(score.lora_update(step, render)["lora_loss"])
+        group.apply(step, grads[0])
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+
+
+def test_save_and_load_reproduce_the_next_step_exactly(tiny_model, tmp_path):
+    config = tiny_config(tiny_model)
+    prior = DiffusionPrior(tiny_model, device="cpu")
+
+    def step(group, score, k):
+        render, _ = group.render(k)
+        grads, _ = score.grads(k, render)
+        score.lora_update(k, render)
+        group.apply(k, grads[0])
+
+    group, score = ParticleGroup(config, [0, 1], prior), ScoreEstimator(config, prior)
+    for k in range(3):
+        step(group, score, k)
+    checkpoint(tmp_path, 3, group, score, config)
+    step(group, score, 3)
+    expected_particles, expected_lora = group.state_tensors(), score.state_tensors()
+
+    prior2 = DiffusionPrior(tiny_model, device="cpu")
+    group2, score2 = ParticleGroup(config, [0, 1], prior2), ScoreEstimator(config, prior2)
+    info, tensors = load_checkpoint(tmp_path)
+    assert info["step"] == 3
+    group2.load_state_tensors(tensors["particles"])
+    score2.load_state_tensors(tensors["lora"])
+    step(group2, score2, 3)
+    for key, value in expected_particles.items():
+        assert torch.equal(group2.state_tensors()[key], value), key
+    for key, value in expected_lora.items():
+        assert torch.equal(score2.state_tensors()[key], value), key
+
+
+def test_the_prolificdreamer_preset_builds_every_component_on_the_tiny_fixture(tiny_model, tiny_v_model):
+    config = load_config(
+        "prolificdreamer",
+        [
+            f"prior.model={tiny_model}",
+            f"lora.base={tiny_v_model}",
+            "nerf.resolution=16",
+            "nerf.n_samples=8",
+            "particles=1",
+            "nerf.field.grid.log2_hashmap_size=12",
+            "wandb=off",
+        ],
+    )
+    assert config.nerf.field.grid.kind == "hashgrid" and config.cfg == 7.5
+    prior = DiffusionPrior(tiny_model, device="cpu")
+    group, score = ParticleGroup(config, [0], prior), ScoreEstimator(config, prior)
+    render, _ = group.render(0)
+    grads, _ = score.grads(0, render)
+    assert "lora_loss" in score.lora_update(0, render)
+    assert group.apply(0, grads[0])["nonfinite_dropped"] == 0
