@@ -55,6 +55,8 @@ def doctor() -> None:
     import torch
 
     from pdray.geometry.hashgrid import encoding_backend_name, tcnn_unavailable_reason
+    from pdray.render.raster import backend_name as raster_backend
+    from pdray.render.raster import nvdiffrast_unavailable_reason
     from pdray.priors.diffusion import TOY_MODEL_DIR
 
     typer.echo(f"python      {platform.python_version()} ({sys.executable})")
@@ -73,9 +75,10 @@ def doctor() -> None:
     grid = encoding_backend_name("auto")
     reason = tcnn_unavailable_reason()
     typer.echo(f"hash grid   {grid}" + (f" (tinycudann unused: {reason})" if reason else ""))
-    has_nvdiffrast = importlib.util.find_spec("nvdiffrast") is not None
-    raster = "nvdiffrast" if has_nvdiffrast and torch.cuda.is_available() else "torch"
-    typer.echo(f"rasteriser  {raster}" + ("" if has_nvdiffrast else " (nvdiffrast not installed)"))
+    raster_reason = nvdiffrast_unavailable_reason()
+    typer.echo(
+        f"rasteriser  {raster_backend('auto')}" + (f" (nvdiffrast unused: {raster_reason})" if raster_reason else "")
+    )
     present = (TOY_MODEL_DIR / "model_index.json").exists()
     typer.echo(f"toy prior   {'present' if present else 'MISSING'} at {TOY_MODEL_DIR}")
 
@@ -167,6 +170,8 @@ def run(
     stages: Annotated[str | None, typer.Option(help="Comma-separated stages to run: nerf.")] = None,
     executor: Annotated[str | None, typer.Option(help="local (one process) or ray.")] = None,
     wandb: Annotated[str | None, typer.Option(help="offline, online or off.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
+    actors: Annotated[int | None, typer.Option(help="Particle actors (default: from placement).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<date>-<time>-<prompt>).")] = None,
 ) -> None:
     """Distil a prompt into N diverse 3D particles (NeRF, then meshes) and fill a run folder."""
@@ -186,8 +191,6 @@ def run(
     run_config = load_config(config, set_, extra)
     if "mesh" in run_config.stages:
         fail("the mesh stage is not yet available: use --stages nerf")
-    if run_config.executor == "ray":
-        fail("the Ray executor is not yet available: use --executor local")
     run_dir = out or default_run_dir(run_config.prompt)
     if (run_dir / "checkpoints").exists():
         fail(f"{run_dir} already holds a run; continue it with `pdray resume {run_dir}` or choose another --out")
@@ -196,14 +199,24 @@ def run(
 
 def _execute(run_config, run_dir: Path, resume: bool) -> None:
     import json
+    import signal
 
     import torch
 
-    from pdray.local_executor import run_local
+    def stop(signum, frame):  # SIGTERM checkpoints and exits like Ctrl-C
+        raise KeyboardInterrupt
 
+    signal.signal(signal.SIGTERM, stop)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        summary = run_local(run_config, run_dir, resume=resume)
+        if run_config.executor == "ray":
+            from pdray.cluster.driver import run_ray
+
+            summary = run_ray(run_config, run_dir, resume=resume)
+        else:
+            from pdray.local_executor import run_local
+
+            summary = run_local(run_config, run_dir, resume=resume)
     except KeyboardInterrupt:
         raise typer.Exit(code=130) from None
     typer.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))

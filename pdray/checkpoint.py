@@ -6,6 +6,7 @@ digest). A new checkpoint is written beside it and renamed into place, so a cras
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from pdray.config import RunConfig, config_to_yaml
+
+
+def config_digest(config: RunConfig) -> str:
+    """A short fingerprint of the resolved config, stored with each checkpoint."""
+    return hashlib.sha1(config_to_yaml(config).encode()).hexdigest()[:12]
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -127,6 +127,17 @@ class ImageParticleConfig(Section):
     """Adam learning rate of the image particle."""
 
 
+class RayConfig(Section):
+    address: str | None = None
+    """Ray cluster to join ("auto", "ray://host:10001", host:port); none starts a local cluster."""
+    actors: Annotated[int, Field(ge=1)] | None = None
+    """Particle actors; default from placement (one per GPU, or per spare CPU on CPU-only clusters)."""
+    gpus_per_actor: Annotated[float, Field(gt=0)] | None = None
+    """GPUs per particle actor (fractions allowed); default from placement."""
+    max_restarts: Annotated[int, Field(ge=-1)] = 3
+    """Restarts allowed per actor before the run fails (-1: unlimited)."""
+
+
 class RunConfig(Section):
     prompt: str = "a cube"
     """The text prompt."""
@@ -152,6 +163,8 @@ class RunConfig(Section):
     """The annealed timestep range."""
     prior: PriorConfig = PriorConfig()
     """The pretrained diffusion prior."""
+    ray: RayConfig = RayConfig()
+    """The Ray executor: cluster address, actors, GPUs."""
     lora: LoraConfig = LoraConfig()
     """The camera-conditioned LoRA (VSD only)."""
     camera: CameraConfig = CameraConfig()

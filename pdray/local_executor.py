@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from pdray.checkpoint import load_checkpoint, save_checkpoint
-from pdray.config import RunConfig, config_to_yaml, save_config
+from pdray.checkpoint import config_digest, load_checkpoint, save_checkpoint
+from pdray.config import RunConfig, save_config
 from pdray.evaluate import eval_cameras, evaluate_particles
 from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import DiffusionPrior
@@ -29,12 +29,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def load_prior(config: RunConfig, device: str | None = None) -> DiffusionPrior:
     return DiffusionPrior(config.prior.model, device=device, dtype=DTYPES.get(config.prior.dtype))
-
-
-def config_digest(config: RunConfig) -> str:
-    import hashlib
-
-    return hashlib.sha1(config_to_yaml(config).encode()).hexdigest()[:12]
 
 
 def run_local(config: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:

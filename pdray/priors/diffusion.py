@@ -64,22 +64,32 @@ class DiffusionPrior:
     """A pretrained text-to-image diffusion model used as a frozen score function."""
 
     def __init__(
-        self, model: str | Path = TOY_MODEL, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        model: str | Path = TOY_MODEL,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        vae_only: bool = False,
     ):
+        """vae_only: load just the VAE (and configs), what a particle actor needs to encode its renders."""
         self.model_name = str(model)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         source, local = resolve_model(model)
         offline = local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         kwargs = {"local_files_only": offline}
+        self.tokenizer = self.text_encoder = self.unet = None
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-            self.text_encoder = CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", torch_dtype=self.dtype, **kwargs
-            )
             self.vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=self.dtype, **kwargs)
-            self.unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=self.dtype, **kwargs)
+            self.unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **kwargs)
             self.scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+            if not vae_only:
+                self.tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+                self.text_encoder = CLIPTextModel.from_pretrained(
+                    source, subfolder="text_encoder", torch_dtype=self.dtype, **kwargs
+                )
+                self.unet = UNet2DConditionModel.from_pretrained(
+                    source, subfolder="unet", torch_dtype=self.dtype, **kwargs
+                )
         except (OSError, ValueError) as err:
             hint = (
                 (
@@ -91,7 +101,8 @@ class DiffusionPrior:
             )
             raise PriorNotFoundError(f"could not load diffusion model {source!r}: {hint}") from err
         for module in (self.text_encoder, self.vae, self.unet):
-            module.to(self.device).requires_grad_(False).eval()
+            if module is not None:
+                module.to(self.device).requires_grad_(False).eval()
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.prediction_type = self.scheduler.config.prediction_type
@@ -128,7 +139,7 @@ class DiffusionPrior:
     @property
     def image_resolution(self) -> int:
         """The resolution the UNet was trained for (its sample size times the VAE's downsampling)."""
-        return int(self.unet.config.sample_size) * self.vae_scale
+        return int(self.unet_config["sample_size"]) * self.vae_scale
 
     @property
     def vae_scale(self) -> int:

@@ -23,7 +23,7 @@ def sample_images(
     """One DDIM sample (eta 0) per prompt; returns images [N, 3, H, W] in [0, 1] on the CPU."""
     scheduler = DDIMScheduler.from_config(prior.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
-    res = prior.unet.config.sample_size
+    res = prior.unet_config["sample_size"]
     latents = torch.randn(len(prompts), prior.latent_channels, res, res, generator=generator)
     out = []
     for start in range(0, len(prompts), batch_size):

@@ -1,0 +1,216 @@
+"""The Ray driver: wiring only. Each step, ObjectRefs flow from the particle actors into the ScoreActor and
+back; the driver fetches small stats dicts, never a tensor (checkpoints and final views excepted).
+
+    refs   = [actor.render(step)]                       # RenderOut refs, one per actor
+    grads  = score.grads(step, *refs)  (num_returns=A+1) # one gradient ref per actor, plus stats
+    lora   = score.lora_update(step, *refs)              # overlaps the particles' backward pass
+    [actor.apply(step, grads[i])]                        # backward + optimiser step
+
+A dead actor is restarted by Ray; the driver then restores every actor and the LoRA from the last
+checkpoint and goes on from that step, so no particle is lost and no step is counted twice.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from tqdm.auto import tqdm
+
+from pdray.checkpoint import config_digest, load_checkpoint, save_checkpoint
+from pdray.cluster.particle_actor import ParticleActor
+from pdray.cluster.placement import Placement, Resources, plan_placement
+from pdray.cluster.score_actor import ScoreActor
+from pdray.config import RunConfig, save_config
+from pdray.evaluate import eval_cameras, evaluate_particles
+from pdray.tracking import Tracker
+
+
+def connect(config: RunConfig) -> None:
+    """Join the configured cluster, reuse an initialised one, or start a local one (dashboard on loopback)."""
+    if ray.is_initialized():
+        return
+    if config.ray.address:
+        ray.init(address=config.ray.address)
+        return
+    temp = Path(tempfile.gettempdir()) / f"pdray-ray-{os.getuid()}"
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(temp))
+
+
+def cluster_resources() -> Resources:
+    total = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpus = float(total.get("GPU", 0.0))
+    return Resources(
+        cpus=float(total.get("CPU", 0.0)), gpus=gpus, nodes=max(1, len(nodes)), gpus_per_node=gpus / max(1, len(nodes))
+    )
+
+
+class RemoteParticles:
+    """The particle actors seen as one group: enough of ParticleGroup's interface for evaluation."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def images(self, cameras) -> dict:
+        out: dict = {}
+        for part in ray.get([a.images.remote(cameras) for a in self.actors]):
+            out.update(part)
+        return dict(sorted(out.items()))
+
+
+class Driver:
+    def __init__(self, config: RunConfig, run_dir: Path):
+        self.config, self.run_dir = config, run_dir
+        connect(config)
+        self.placement: Placement = plan_placement(
+            cluster_resources(), config.particles, config.ray.actors, config.ray.gpus_per_actor
+        )
+        print(f"placement: {self.placement.describe()}", flush=True)
+        self.pg = placement_group(self.placement.bundles, strategy=self.placement.strategy)
+        ray.get(self.pg.ready(), timeout=120)
+        spec = config.model_dump(mode="json")
+        restarts = config.ray.max_restarts
+        self.score = ScoreActor.options(
+            num_cpus=self.placement.score_cpus,
+            num_gpus=self.placement.score_gpus,
+            max_restarts=restarts,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
+        ).remote(spec, self.placement.score_cpus)
+        self.actors = [
+            ParticleActor.options(
+                num_cpus=self.placement.actor_cpus,
+                num_gpus=self.placement.actor_gpus,
+                max_restarts=restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i + 1),
+            ).remote(spec, ids, self.placement.actor_cpus)
+            for i, ids in enumerate(self.placement.actors)
+        ]
+        self.recoveries = 0
+
+    def step(self, step: int) -> dict[str, float]:
+        outs = [a.render.remote(step) for a in self.actors]
+        renders = [o[0] for o in outs]
+        *grads, score_stats = self.score.grads.options(num_returns=len(self.actors) + 1).remote(step, *renders)
+        lora = self.score.lora_update.remote(step, *renders)
+        applies = [a.apply.remote(step, g) for a, g in zip(self.actors, grads, strict=True)]
+        results = ray.get([score_stats, lora, *applies, *(o[1] for o in outs)])
+        stats = {**results[0], **results[1]}
+        per_actor = results[2:]
+        for key in ("time/backward", "time/render"):
+            values = [r[key] for r in per_actor if key in r]
+            if values:
+                stats[key] = max(values)  # actors run in parallel: the slowest one sets the pace
+        stats["nonfinite_dropped"] = sum(r.get("nonfinite_dropped", 0) for r in per_actor)
+        return stats
+
+    def checkpoint(self, step: int) -> None:
+        particles: dict = {}
+        for part in ray.get([a.state_tensors.remote() for a in self.actors]):
+            particles.update(part)
+        tensors = {"particles": particles}
+        lora = ray.get(self.score.state_tensors.remote())
+        if lora:
+            tensors["lora"] = lora
+        save_checkpoint(
+            self.run_dir, step, tensors, {"config_digest": config_digest(self.config), "recoveries": self.recoveries}
+        )
+
+    def restore(self, attempts: int = 60) -> int:
+        """Load the last checkpoint into every actor (restarted ones included); returns its step."""
+        info, tensors = load_checkpoint(self.run_dir)
+        for attempt in range(attempts):
+            try:
+                calls = []
+                for actor, ids in zip(self.actors, self.placement.actors, strict=True):
+                    prefixes = tuple(f"{pid:04d}." for pid in ids)
+                    mine = {k: v for k, v in tensors["particles"].items() if k.startswith(prefixes)}
+                    calls.append(actor.load_state_tensors.remote(mine))
+                calls.append(self.score.load_state_tensors.remote(tensors.get("lora", {})))
+                ray.get(calls)
+                return int(info["step"])
+            except RayActorError as err:
+                if getattr(err, "actor_init_failed", False) or attempt == attempts - 1:
+                    raise
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        for actor in [*self.actors, self.score]:
+            ray.kill(actor)
+        remove_placement_group(self.pg)
+
+
+def run_ray(config: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the NeRF / 2D stage on Ray actors and fill the run folder; returns the summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    driver = Driver(config, run_dir)
+    try:
+        if resume:
+            step = driver.restore()
+        else:
+            step = 0
+            driver.checkpoint(0)  # recovery always has a checkpoint to go back to
+        tracker = Tracker(run_dir, config, resume=resume)
+        started, first, totals = time.perf_counter(), step, {}
+        bar = tqdm(total=config.steps, initial=step, desc=f"{config.guidance} x{config.particles} (ray)", unit="step")
+        try:
+            while step < config.steps:
+                try:
+                    stats = driver.step(step)
+                except RayActorError as err:
+                    if getattr(err, "actor_init_failed", False):
+                        raise  # a bug or a bad config, not a lost process: restarting cannot help
+                    driver.recoveries += 1
+                    tqdm.write(f"step {step}: an actor died ({err.__class__.__name__}); restoring the last checkpoint")
+                    step = driver.restore()
+                    bar.n = step
+                    continue
+                step += 1
+                bar.update(1)
+                for k, v in stats.items():
+                    if k.startswith("time/"):
+                        totals[k] = totals.get(k, 0.0) + v
+                if step % config.log_every == 0 or step == config.steps:
+                    tracker.log(step, {**stats, "recoveries": driver.recoveries})
+                    bar.set_postfix({k: f"{stats[k]:.3g}" for k in ("lora_loss", "grad_norm") if k in stats})
+                if step % config.checkpoint_every == 0 and step < config.steps:
+                    driver.checkpoint(step)
+        except KeyboardInterrupt:
+            driver.checkpoint(step)
+            tracker.finish()
+            print(f"\ninterrupted at step {step}: checkpoint saved; continue with `pdray resume {run_dir}`")
+            raise
+        bar.close()
+        driver.checkpoint(config.steps)
+        wall = time.perf_counter() - started
+        done = max(1, config.steps - first)
+        summary = {
+            "prompt": config.prompt,
+            "particles": config.particles,
+            "guidance": config.guidance,
+            "cfg": config.cfg,
+            "executor": "ray",
+            "steps_done": config.steps,
+            "wall_time_s": wall,
+            "steps_per_s": done / wall,
+            "recoveries": driver.recoveries,
+            "placement": driver.placement.as_dict(),
+            "time_per_step_s": {k[5:]: v / done for k, v in totals.items()},
+        }
+        group = RemoteParticles(driver.actors)
+        summary |= evaluate_particles(config, group, run_dir)
+        tracker.log_particles(config.steps, group.images(eval_cameras(config, 4 if config.particle == "nerf" else 1)))
+        tracker.summary(summary)
+        tracker.finish()
+        return summary
+    finally:
+        driver.close()

@@ -1,0 +1,47 @@
+"""ScoreActor: the pretrained prior and the CameraLoRA, shared by every particle actor.
+
+``grads`` takes the particle actors' RenderOut refs as top-level arguments (Ray resolves them store to
+store; the driver never fetches a tensor) and returns one gradient per actor plus stats, split with
+num_returns. ``lora_update`` runs while the particle actors backpropagate. One single-threaded actor runs
+calls in submission order, so lora_update(step) always follows grads(step) and precedes grads(step + 1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+import torch
+
+from pdray.config import RunConfig
+from pdray.particle import RenderOut
+from pdray.priors.diffusion import DiffusionPrior
+from pdray.score import ScoreEstimator
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@ray.remote
+class ScoreActor:
+    def __init__(self, config: dict, num_cpus: float):
+        torch.set_num_threads(max(1, int(num_cpus)))
+        self.config = RunConfig.model_validate(config)
+        prior = DiffusionPrior(self.config.prior.model, dtype=DTYPES.get(self.config.prior.dtype))
+        self.score = ScoreEstimator(self.config, prior)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def grads(self, step: int, *renders: RenderOut):
+        """(grad for actor 0, ..., grad for actor A-1, stats); call with .options(num_returns=A + 1)."""
+        grads, stats = self.score.grads(step, *renders)
+        return (*grads, stats)
+
+    def lora_update(self, step: int, *renders: RenderOut) -> dict[str, float]:
+        return self.score.lora_update(step, *renders)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.score.state_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.score.load_state_tensors(tensors)
