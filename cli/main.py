@@ -55,9 +55,9 @@ def doctor() -> None:
     import torch
 
     from pdray.geometry.hashgrid import encoding_backend_name, tcnn_unavailable_reason
+    from pdray.priors.diffusion import TOY_MODEL_DIR
     from pdray.render.raster import backend_name as raster_backend
     from pdray.render.raster import nvdiffrast_unavailable_reason
-    from pdray.priors.diffusion import TOY_MODEL_DIR
 
     typer.echo(f"python      {platform.python_version()} ({sys.executable})")
     for name in ("pdray", "torch", "diffusers", "transformers", "peft", "ray", "wandb", "trimesh", "xatlas"):
