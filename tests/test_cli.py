@@ -54,6 +54,53 @@ def test_sample_with_a_missing_model_is_one_clear_line(tmp_path):
 
 
 def test_commands_not_yet_built_say_so():
-    for command in ("submit", "study", "export", "resume"):
+    for command in ("submit", "study", "export"):
         result = runner.invoke(app, [command])
         assert result.exit_code == 2 and "not yet available" in result.output
+
+
+def test_pdray_run_end_to_end_on_the_tiny_prior(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "run",
+        "--prompt",
+        "a cube",
+        "--particles",
+        "2",
+        "--steps",
+        "3",
+        "--executor",
+        "local",
+        "--wandb",
+        "off",
+        "--set",
+        f"prior.model={tiny_model}",
+        "--set",
+        "nerf.resolution=16",
+        "--set",
+        "log_every=1",
+        "--set",
+        "eval_views=2",
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints/latest/state.json",
+        "particles/00/views.png",
+        "particles/01/turntable.gif",
+    ):
+        assert (out / name).exists(), name
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already holds a run" in again.output
+
+
+def test_run_rejects_bad_input_in_one_line(tmp_path):
+    result = runner.invoke(app, ["run", "--set", "lora.rank=-1", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "lora.rank: Input should be greater than or equal to 1" in result.output
+    result = runner.invoke(app, ["run", "--guidance", "vds", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "guidance: Input should be 'vsd' or 'sds'" in result.output
