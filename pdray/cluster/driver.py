@@ -206,6 +206,8 @@ def run_ray(config: RunConfig, run_dir: Path, resume: bool = False) -> dict[str,
             "placement": driver.placement.as_dict(),
             "time_per_step_s": {k[5:]: v / done for k, v in totals.items()},
         }
+        memory = ray.get([driver.score.memory.remote(), *(a.memory.remote() for a in driver.actors)])
+        summary["actor_memory"] = {"score": memory[0], **{f"particles_{i}": m for i, m in enumerate(memory[1:])}}
         group = RemoteParticles(driver.actors)
         summary |= evaluate_particles(config, group, run_dir)
         tracker.log_particles(config.steps, group.images(eval_cameras(config, 4 if config.particle == "nerf" else 1)))

@@ -12,6 +12,7 @@ import ray
 import torch
 
 from pdray.cameras import Cameras
+from pdray.cluster.memory import peak_memory
 from pdray.config import RunConfig
 from pdray.particle import ParticleGroup, RenderOut
 from pdray.priors.diffusion import DiffusionPrior
@@ -27,6 +28,9 @@ class ParticleActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def memory(self) -> dict[str, float]:
+        return peak_memory()
 
     @ray.method(num_returns=2)
     def render(self, step: int) -> tuple[RenderOut, dict[str, float]]:

@@ -13,6 +13,7 @@ import os
 import ray
 import torch
 
+from pdray.cluster.memory import peak_memory
 from pdray.config import RunConfig
 from pdray.particle import RenderOut
 from pdray.priors.diffusion import DiffusionPrior
@@ -31,6 +32,9 @@ class ScoreActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def memory(self) -> dict[str, float]:
+        return peak_memory()
 
     def grads(self, step: int, *renders: RenderOut):
         """(grad for actor 0, ..., grad for actor A-1, stats); call with .options(num_returns=A + 1)."""

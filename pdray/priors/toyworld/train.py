@@ -83,7 +83,7 @@ def train_vae(cfg: ToyTrainConfig, pool: dict[str, torch.Tensor]) -> tuple[torch
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    return vae.eval(), float(loss)
+    return vae.eval(), loss.item()
 
 
 @torch.no_grad()
