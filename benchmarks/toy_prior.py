@@ -76,6 +76,7 @@ def main() -> None:
             "seconds": time.time() - started,
         }
         print(f"cfg {cfg}: {report['cfg'][str(cfg)]}", flush=True)
+        (out / "report.json").write_text(json.dumps(report, indent=2))  # kept current if a later CFG is cut off
         grid = image_grid(closed_images[:: k // 2 if k >= 2 else 1][:96].cpu(), columns=12)
         from PIL import Image
 
