@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pdray.imaging import save_png
 from pdray.priors.diffusion import DiffusionPrior, resolve_model
 from pdray.priors.sampling import image_grid, sample_images
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
@@ -78,11 +79,7 @@ def main() -> None:
         print(f"cfg {cfg}: {report['cfg'][str(cfg)]}", flush=True)
         (out / "report.json").write_text(json.dumps(report, indent=2))  # kept current if a later CFG is cut off
         grid = image_grid(closed_images[:: k // 2 if k >= 2 else 1][:96].cpu(), columns=12)
-        from PIL import Image
-
-        Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(
-            out / f"samples_cfg{cfg}.png"
-        )
+        save_png(grid, out / f"samples_cfg{cfg}.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
