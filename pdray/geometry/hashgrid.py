@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdray.backends import cuda_extension_unavailable_reason
+
 GridKind = Literal["hashgrid", "dense"]
 Backend = Literal["auto", "torch", "tcnn"]
 
@@ -225,17 +227,8 @@ class TcnnHashGridEncoding(nn.Module):
 
 
 def tcnn_unavailable_reason() -> str | None:
-    """Why ``auto`` would not use tinycudann here, or None when it would.
-
-    CUDA is checked first, so on a CPU-only machine tinycudann is never imported.
-    """
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    try:
-        import tinycudann  # noqa: F401
-    except (ImportError, OSError, RuntimeError) as error:
-        return f"tinycudann does not import ({error})"
-    return None
+    """Why ``auto`` would not use tinycudann here, or None when it would."""
+    return cuda_extension_unavailable_reason("tinycudann")
 
 
 def encoding_backend_name(backend: Backend, kind: GridKind = "hashgrid") -> Literal["torch", "tcnn"]:

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import torch
 
+from pdray.backends import cuda_extension_unavailable_reason
 from pdray.cameras import Cameras
 
 Backend = Literal["auto", "torch", "nvdiffrast"]
@@ -99,17 +100,8 @@ def project(verts_world: torch.Tensor, cameras: Cameras, near: float = 0.05, far
 
 
 def nvdiffrast_unavailable_reason() -> str | None:
-    """Why ``auto`` would not use nvdiffrast here, or None when it would.
-
-    CUDA is checked first, so on a CPU-only machine nvdiffrast is never imported.
-    """
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    try:
-        import nvdiffrast.torch  # noqa: F401
-    except (ImportError, OSError, RuntimeError) as error:
-        return f"nvdiffrast does not import ({error})"
-    return None
+    """Why ``auto`` would not use nvdiffrast here, or None when it would."""
+    return cuda_extension_unavailable_reason("nvdiffrast.torch")
 
 
 def backend_name(backend: Backend = "auto", device: torch.device | str | None = None) -> Literal["torch", "nvdiffrast"]:
