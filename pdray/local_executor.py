@@ -20,15 +20,9 @@ from pdray.checkpoint import config_digest, load_checkpoint, save_checkpoint
 from pdray.config import RunConfig, save_config
 from pdray.evaluate import eval_cameras, evaluate_particles
 from pdray.particle import ParticleGroup
-from pdray.priors.diffusion import DiffusionPrior
+from pdray.priors.diffusion import load_prior
 from pdray.score import ScoreEstimator
-from pdray.tracking import Tracker
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def load_prior(config: RunConfig, device: str | None = None) -> DiffusionPrior:
-    return DiffusionPrior(config.prior.model, device=device, dtype=DTYPES.get(config.prior.dtype))
+from pdray.tracking import Tracker, run_summary
 
 
 def run_local(config: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -36,7 +30,7 @@ def run_local(config: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     torch.manual_seed(config.seed)
-    prior = load_prior(config)
+    prior = load_prior(config.prior)
     group = ParticleGroup(config, list(range(config.particles)), prior)
     score = ScoreEstimator(config, prior)
     start = 0
@@ -78,18 +72,7 @@ def run_local(config: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
         raise
     checkpoint(run_dir, config.steps, group, score, config)
     wall = time.perf_counter() - started
-    done = config.steps - start
-    summary = {
-        "prompt": config.prompt,
-        "particles": config.particles,
-        "guidance": config.guidance,
-        "cfg": config.cfg,
-        "executor": "local",
-        "steps_done": config.steps,
-        "wall_time_s": wall,
-        "steps_per_s": done / wall if wall > 0 else 0.0,
-        "time_per_step_s": {k[5:]: v / max(1, done) for k, v in totals.items()},
-    }
+    summary = run_summary(config, "local", wall, config.steps - start, totals)
     summary |= evaluate_particles(config, group, run_dir)
     tracker.log_particles(config.steps, group.images(eval_cameras(config, 4 if config.particle == "nerf" else 1)))
     tracker.summary(summary)

@@ -85,3 +85,19 @@ def mean_pairwise_distance(features: torch.Tensor) -> float:
     d = torch.cdist(features.float(), features.float())
     n = features.shape[0]
     return float(d.sum() / (n * (n - 1)))
+
+
+def run_summary(config: RunConfig, executor: str, wall: float, steps_run: int, totals: dict[str, float]) -> dict:
+    """The fields every summary.json starts with; ``totals`` are summed "time/..." stats of this session."""
+    steps_run = max(1, steps_run)
+    return {
+        "prompt": config.prompt,
+        "particles": config.particles,
+        "guidance": config.guidance,
+        "cfg": config.cfg,
+        "executor": executor,
+        "steps_done": config.steps,
+        "wall_time_s": wall,
+        "steps_per_s": steps_run / wall if wall > 0 else 0.0,
+        "time_per_step_s": {k[len("time/") :]: v / steps_run for k, v in totals.items()},
+    }

@@ -30,7 +30,7 @@ from pdray.cluster.placement import Placement, Resources, plan_placement
 from pdray.cluster.score_actor import ScoreActor
 from pdray.config import RunConfig, save_config
 from pdray.evaluate import eval_cameras, evaluate_particles
-from pdray.tracking import Tracker
+from pdray.tracking import Tracker, run_summary
 
 
 def connect(config: RunConfig) -> None:
@@ -192,20 +192,8 @@ def run_ray(config: RunConfig, run_dir: Path, resume: bool = False) -> dict[str,
         bar.close()
         driver.checkpoint(config.steps)
         wall = time.perf_counter() - started
-        done = max(1, config.steps - first)
-        summary = {
-            "prompt": config.prompt,
-            "particles": config.particles,
-            "guidance": config.guidance,
-            "cfg": config.cfg,
-            "executor": "ray",
-            "steps_done": config.steps,
-            "wall_time_s": wall,
-            "steps_per_s": done / wall,
-            "recoveries": driver.recoveries,
-            "placement": driver.placement.as_dict(),
-            "time_per_step_s": {k[5:]: v / done for k, v in totals.items()},
-        }
+        summary = run_summary(config, "ray", wall, config.steps - first, totals)
+        summary |= {"recoveries": driver.recoveries, "placement": driver.placement.as_dict()}
         memory = ray.get([driver.score.memory.remote(), *(a.memory.remote() for a in driver.actors)])
         summary["actor_memory"] = {"score": memory[0], **{f"particles_{i}": m for i, m in enumerate(memory[1:])}}
         group = RemoteParticles(driver.actors)

@@ -15,7 +15,7 @@ from pdray.cameras import Cameras
 from pdray.cluster.memory import peak_memory
 from pdray.config import RunConfig
 from pdray.particle import ParticleGroup, RenderOut
-from pdray.priors.diffusion import DiffusionPrior
+from pdray.priors.diffusion import load_prior
 
 
 @ray.remote
@@ -23,7 +23,7 @@ class ParticleActor:
     def __init__(self, config: dict, particle_ids: list[int], num_cpus: float):
         torch.set_num_threads(max(1, int(num_cpus)))
         self.config = RunConfig.model_validate(config)
-        prior = DiffusionPrior(self.config.prior.model, vae_only=True)
+        prior = load_prior(self.config.prior, vae_only=True)
         self.group = ParticleGroup(self.config, particle_ids, prior)
 
     def pid(self) -> int:

@@ -16,10 +16,8 @@ import torch
 from pdray.cluster.memory import peak_memory
 from pdray.config import RunConfig
 from pdray.particle import RenderOut
-from pdray.priors.diffusion import DiffusionPrior
+from pdray.priors.diffusion import load_prior
 from pdray.score import ScoreEstimator
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @ray.remote
@@ -27,7 +25,7 @@ class ScoreActor:
     def __init__(self, config: dict, num_cpus: float):
         torch.set_num_threads(max(1, int(num_cpus)))
         self.config = RunConfig.model_validate(config)
-        prior = DiffusionPrior(self.config.prior.model, dtype=DTYPES.get(self.config.prior.dtype))
+        prior = load_prior(self.config.prior)
         self.score = ScoreEstimator(self.config, prior)
 
     def pid(self) -> int:

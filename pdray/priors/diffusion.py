@@ -14,6 +14,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
+from pdray.config import PriorConfig
+
 TOY_MODEL = "toyworld"
 TOY_MODEL_DIR = Path(__file__).parent / "toyworld" / "weights"
 
@@ -201,3 +203,11 @@ class DiffusionPrior:
         ).sample
         eps_uncond, eps_cond = self.model_output_to_eps(torch.cat([x_t, x_t]), out, torch.cat([t, t])).chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+PRIOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_prior(config: PriorConfig, device: torch.device | str | None = None, vae_only: bool = False) -> DiffusionPrior:
+    """The prior a run config names, at its dtype ("auto": float16 on CUDA, float32 on the CPU)."""
+    return DiffusionPrior(config.model, device=device, dtype=PRIOR_DTYPES.get(config.dtype), vae_only=vae_only)
