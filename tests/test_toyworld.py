@@ -58,6 +58,20 @@ def test_captions_and_prompt_parsing():
     assert parse_prompt("a cube").colour is None and not parse_prompt("a cube, front view").view_matters
 
 
+def test_caption_token_table_matches_the_tokenizer():
+    from pdray.priors.toyworld.train import caption_token_table
+
+    tok = build_tokenizer()
+    ids, probs = caption_token_table(tok)
+    assert abs(float(probs.sum()) - 1) < 1e-6
+
+    def padded(text: str) -> list[int]:
+        return tok(text, padding="max_length", max_length=ids.shape[-1]).input_ids
+
+    assert ids[SHAPES.index("mug"), 0, 1, 4].tolist() == padded("a red mug, side view")
+    assert ids[SHAPES.index("mug"), 0, 1, 0].tolist() == padded("")
+
+
 def test_colour_entropy():
     assert colour_entropy(["red"] * 8) == 0.0
     assert abs(colour_entropy(["red", "green", "blue", "yellow", "purple", "orange"]) - max_colour_entropy()) < 1e-9

@@ -20,14 +20,26 @@ class CaptionStyle:
     empty: float = 0.1  # the unconditional caption, for classifier-free guidance
 
 
+def caption_variants(shape: int, colour: int, view: int, style: CaptionStyle = CaptionStyle()):
+    """Every caption of an object with the given label indices, with its probability under `style`.
+
+    The five variants are: empty, "a cube", "a cube, side view", "a red cube", "a red cube, side view".
+    """
+    shape_name, colour_name, suffix = SHAPES[shape], COLOUR_NAMES[colour], VIEW_SUFFIXES[VIEWS[view]]
+    said = 1 - style.empty
+    return [
+        ("", style.empty),
+        (f"a {shape_name}", said * style.colour_open * (1 - style.view_suffix)),
+        (f"a {shape_name}{suffix}", said * style.colour_open * style.view_suffix),
+        (f"a {colour_name} {shape_name}", said * (1 - style.colour_open) * (1 - style.view_suffix)),
+        (f"a {colour_name} {shape_name}{suffix}", said * (1 - style.colour_open) * style.view_suffix),
+    ]
+
+
 def caption(shape: int, colour: int, view: int, rng: random.Random, style: CaptionStyle = CaptionStyle()) -> str:
     """One random caption of an object with the given label indices."""
-    if rng.random() < style.empty:
-        return ""
-    text = f"a {SHAPES[shape]}" if rng.random() < style.colour_open else f"a {COLOUR_NAMES[colour]} {SHAPES[shape]}"
-    if rng.random() < style.view_suffix:
-        text += VIEW_SUFFIXES[VIEWS[view]]
-    return text
+    texts, weights = zip(*caption_variants(shape, colour, view, style), strict=True)
+    return rng.choices(texts, weights)[0]
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ Seeded and reproducible on one device; `pdray prior train-toy --out DIR` is the 
 
 from __future__ import annotations
 
+import itertools
 import json
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -19,9 +19,9 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pdray.priors.toyworld import model as toy
-from pdray.priors.toyworld.captions import caption
+from pdray.priors.toyworld.captions import caption_variants
 from pdray.priors.toyworld.judge import save_judge, train_judge
-from pdray.priors.toyworld.world import sample_world
+from pdray.priors.toyworld.world import COLOUR_NAMES, SHAPES, VIEWS, sample_world
 
 
 @dataclass
@@ -96,32 +96,51 @@ def encode_pool(vae, pool: dict[str, torch.Tensor], chunk: int = 512) -> torch.T
     return torch.cat(out)
 
 
+def caption_token_table(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of every caption variant of every label triple, and the variants' probabilities.
+
+    Returns ids [shapes, colours, views, variants, MAX_TOKENS] and probabilities [variants], so a training
+    step draws its captions with tensor ops on the device instead of tokenizing in Python.
+    """
+    table, probs = [], None
+    for s, c, v in itertools.product(range(len(SHAPES)), range(len(COLOUR_NAMES)), range(len(VIEWS))):
+        texts, weights = zip(*caption_variants(s, c, v), strict=True)
+        table.append(
+            tokenizer(
+                list(texts), padding="max_length", max_length=toy.MAX_TOKENS, truncation=True, return_tensors="pt"
+            ).input_ids
+        )
+        probs = torch.tensor(weights)
+    ids = torch.stack(table).view(len(SHAPES), len(COLOUR_NAMES), len(VIEWS), len(probs), toy.MAX_TOKENS)
+    return ids, probs
+
+
 def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, pool: dict[str, torch.Tensor], started: float):
     """Joint UNet + text encoder training on scaled latents with fresh captions each step."""
+    device = cfg.device
     tokenizer = toy.build_tokenizer()
-    text_encoder = toy.build_text_encoder(len(tokenizer)).to(cfg.device)
-    unet = toy.build_unet(text_encoder.config.hidden_size).to(cfg.device)
+    text_encoder = toy.build_text_encoder(len(tokenizer)).to(device)
+    unet = toy.build_unet(text_encoder.config.hidden_size).to(device)
     scheduler = toy.build_scheduler()
-    alphas_cumprod = scheduler.alphas_cumprod.to(cfg.device)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = EMAModel(params, decay=cfg.ema_decay, foreach=True)
-    ema.to(cfg.device)
+    ema.to(device)
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
-    rng = random.Random(cfg.seed + 2)
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    labels = torch.stack([pool["shapes"], pool["colours"], pool["views"]], 1).cpu()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    token_table, variant_probs = (t.to(device) for t in caption_token_table(tokenizer))
+    latents = latents.to(device)
+    shapes, colours, views = (pool[k].to(device) for k in ("shapes", "colours", "views"))
     bar = tqdm(range(cfg.unet_steps), desc="unet")
-    loss_avg, steps_done = None, 0
+    loss_avg, steps_done = torch.zeros((), device=device), 0
     for step in bar:
-        idx = torch.randint(len(latents), (cfg.unet_batch_size,), generator=gen)
-        x0 = latents[idx.to(latents.device)]
-        captions = [caption(*labels[i].tolist(), rng) for i in idx.tolist()]
-        ids = tokenizer(
-            captions, padding="max_length", max_length=toy.MAX_TOKENS, truncation=True, return_tensors="pt"
-        ).input_ids.to(cfg.device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(cfg.device)
-        noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
+        idx = torch.randint(len(latents), (cfg.unet_batch_size,), generator=gen, device=device)
+        x0 = latents[idx]
+        variant = torch.multinomial(variant_probs, len(idx), replacement=True, generator=gen)
+        ids = token_table[shapes[idx], colours[idx], views[idx], variant]
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
         x_t = scheduler.add_noise(x0, noise, t)
         with _autocast(cfg):
             cond = text_encoder(ids).last_hidden_state
@@ -135,9 +154,10 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, pool: dict[str, torch
         opt.step()
         sched.step()
         ema.step(params)
-        loss_avg = float(loss) if loss_avg is None else 0.99 * loss_avg + 0.01 * float(loss)
+        loss_avg = loss.detach() if step == 0 else 0.99 * loss_avg + 0.01 * loss.detach()
         steps_done = step + 1
-        bar.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)
+        if step % 50 == 0:  # reading the loss syncs the device: not every step
+            bar.set_postfix(loss=f"{float(loss_avg):.4f}", refresh=False)
         if (time.time() - started) / 60 > cfg.max_minutes:
             tqdm.write(f"stopping the UNet phase at step {steps_done}: past max_minutes={cfg.max_minutes}")
             break
@@ -147,7 +167,7 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, pool: dict[str, torch
         text_encoder.eval(),
         tokenizer,
         scheduler,
-        {"unet_steps_done": steps_done, "unet_loss_ema": loss_avg},
+        {"unet_steps_done": steps_done, "unet_loss_ema": float(loss_avg)},
     )
 
 
