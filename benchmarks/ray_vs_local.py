@@ -1,4 +1,5 @@
-"""Ray executor vs local executor: steps/s for 1, 2, 4 and 8 particles, same config and seed.
+"""Ray executor vs local executor: steps/s for 1, 2, 4 and 8 particles, same config and seed; and the Ray run's
+start-up (placement group, actor processes importing torch + diffusers, priors loaded), which steps/s leaves out.
 
 python benchmarks/ray_vs_local.py [--steps 20] [--particles 1,2,4,8]
 """
@@ -45,13 +46,16 @@ def main() -> None:
                 summary = fn(config, Path(tmp) / "run")
             row[f"{executor}_steps_per_s"] = summary["steps_per_s"]
             row[f"{executor}_time_per_step_s"] = summary["time_per_step_s"]
+            if executor == "ray":
+                row["ray_startup_s"] = summary["startup_s"]
         row["ray_overhead"] = row["local_steps_per_s"] / row["ray_steps_per_s"] - 1
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'particles':>9}{'local steps/s':>15}{'ray steps/s':>13}{'ray overhead':>14}")
+    print(f"\n{'particles':>9}{'local steps/s':>15}{'ray steps/s':>13}{'ray overhead':>14}{'ray start-up':>14}")
     for r in rows:
         print(
             f"{r['particles']:>9}{r['local_steps_per_s']:>15.3f}{r['ray_steps_per_s']:>13.3f}{r['ray_overhead']:>13.0%}"
+            f"{r['ray_startup_s']:>13.1f}s"
         )
 
 

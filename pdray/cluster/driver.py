@@ -6,8 +6,10 @@ back; the driver fetches small stats dicts, never a tensor (checkpoints and fina
     lora   = score.lora_update(step, *refs)              # overlaps the particles' backward pass
     [actor.apply(step, grads[i])]                        # backward + optimiser step
 
-A dead actor is restarted by Ray; the driver then restores every actor and the LoRA from the last
-checkpoint and goes on from that step, so no particle is lost and no step is counted twice.
+A dead actor is restarted by Ray (``ray.max_restarts``); the driver then restores every actor and the LoRA from
+the last checkpoint and goes on from that step, so no particle is lost and the step counter never goes back
+past that checkpoint. This holds wherever the process dies: mid-step, while a checkpoint is taken, during the
+final evaluation, or between two calls (a restarted actor refuses work until it is restored: LostStateError).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import RayActorError
@@ -25,12 +28,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
 from pdray.checkpoint import config_digest, load_checkpoint, save_checkpoint
+from pdray.cluster.lifecycle import LostStateError, actor_runtime_env
 from pdray.cluster.particle_actor import ParticleActor
 from pdray.cluster.placement import Placement, Resources, plan_placement
 from pdray.cluster.score_actor import ScoreActor
 from pdray.config import RunConfig, save_config
 from pdray.evaluate import eval_cameras, evaluate_particles
 from pdray.tracking import Tracker, run_summary
+
+T = TypeVar("T")
+LOST = (RayActorError, LostStateError)  # an actor process died (and may be restarting) or came back empty
 
 
 def connect(config: RunConfig) -> None:
@@ -82,6 +89,7 @@ class Driver:
             num_cpus=self.placement.score_cpus,
             num_gpus=self.placement.score_gpus,
             max_restarts=restarts,
+            runtime_env=actor_runtime_env(self.placement.score_cpus),
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
         ).remote(spec, self.placement.score_cpus)
         self.actors = [
@@ -89,11 +97,18 @@ class Driver:
                 num_cpus=self.placement.actor_cpus,
                 num_gpus=self.placement.actor_gpus,
                 max_restarts=restarts,
+                runtime_env=actor_runtime_env(self.placement.actor_cpus),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i + 1),
             ).remote(spec, ids, self.placement.actor_cpus)
             for i, ids in enumerate(self.placement.actors)
         ]
         self.recoveries = 0
+
+    def wait_ready(self) -> float:
+        """Block until every actor has finished __init__ (imports, prior loaded); returns the seconds waited."""
+        started = time.perf_counter()
+        ray.get([a.pid.remote() for a in [self.score, *self.actors]])
+        return time.perf_counter() - started
 
     def step(self, step: int) -> dict[str, float]:
         outs = [a.render.remote(step) for a in self.actors]
@@ -123,23 +138,39 @@ class Driver:
             self.run_dir, step, tensors, {"config_digest": config_digest(self.config), "recoveries": self.recoveries}
         )
 
-    def restore(self, attempts: int = 60) -> int:
-        """Load the last checkpoint into every actor (restarted ones included); returns its step."""
+    def restore(self, timeout: float = 1800.0) -> int:
+        """Load the last checkpoint into every actor (restarted ones included); returns its step.
+
+        The loads are retried by Ray until a restarting actor is back (its __init__ re-imports torch and
+        reloads the prior: seconds on a GPU node, minutes on a busy small CPU); an actor out of restarts
+        raises ActorDiedError at once."""
         info, tensors = load_checkpoint(self.run_dir)
+        calls = []
+        for actor, ids in zip(self.actors, self.placement.actors, strict=True):
+            prefixes = tuple(f"{pid:04d}." for pid in ids)
+            mine = {k: v for k, v in tensors["particles"].items() if k.startswith(prefixes)}
+            calls.append(actor.load_state_tensors.options(max_task_retries=-1).remote(mine))
+        calls.append(self.score.load_state_tensors.options(max_task_retries=-1).remote(tensors.get("lora", {})))
+        ray.get(calls, timeout=timeout)
+        return int(info["step"])
+
+    def recover(self, err: Exception, where: str) -> int:
+        """After an actor was lost: count it, restore the last checkpoint everywhere, return its step."""
+        if getattr(err, "actor_init_failed", False):
+            raise err  # a bug or a bad config, not a lost process: restarting cannot help
+        self.recoveries += 1
+        tqdm.write(f"{where}: an actor was lost ({err.__class__.__name__}); restoring the last checkpoint")
+        return self.restore()
+
+    def recovering(self, where: str, fn: Callable[[], T], attempts: int = 3) -> T:
+        """fn() on the actors' current state (already checkpointed); after a lost actor, restore and retry."""
         for attempt in range(attempts):
             try:
-                calls = []
-                for actor, ids in zip(self.actors, self.placement.actors, strict=True):
-                    prefixes = tuple(f"{pid:04d}." for pid in ids)
-                    mine = {k: v for k, v in tensors["particles"].items() if k.startswith(prefixes)}
-                    calls.append(actor.load_state_tensors.remote(mine))
-                calls.append(self.score.load_state_tensors.remote(tensors.get("lora", {})))
-                ray.get(calls)
-                return int(info["step"])
-            except RayActorError as err:
-                if getattr(err, "actor_init_failed", False) or attempt == attempts - 1:
+                return fn()
+            except LOST as err:
+                if attempt == attempts - 1:
                     raise
-                time.sleep(1.0)
+                self.recover(err, where)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -152,53 +183,59 @@ def run_ray(config: RunConfig, run_dir: Path, resume: bool = False) -> dict[str,
     """Run (or resume) the NeRF / 2D stage on Ray actors and fill the run folder; returns the summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
+    created = time.perf_counter()
     driver = Driver(config, run_dir)
     try:
+        driver.wait_ready()
+        startup = time.perf_counter() - created
+        print(f"actors ready in {startup:.1f}s", flush=True)
         if resume:
             step = driver.restore()
         else:
             step = 0
             driver.checkpoint(0)  # recovery always has a checkpoint to go back to
         tracker = Tracker(run_dir, config, resume=resume)
-        started, first, totals = time.perf_counter(), step, {}
+        started, totals = time.perf_counter(), {}
         bar = tqdm(total=config.steps, initial=step, desc=f"{config.guidance} x{config.particles} (ray)", unit="step")
+        executed = 0
         try:
-            while step < config.steps:
+            while True:
                 try:
-                    stats = driver.step(step)
-                except RayActorError as err:
-                    if getattr(err, "actor_init_failed", False):
-                        raise  # a bug or a bad config, not a lost process: restarting cannot help
-                    driver.recoveries += 1
-                    tqdm.write(f"step {step}: an actor died ({err.__class__.__name__}); restoring the last checkpoint")
-                    step = driver.restore()
+                    if step < config.steps:
+                        stats = driver.step(step)
+                        step += 1
+                        executed += 1
+                        bar.update(1)
+                        for k, v in stats.items():
+                            if k.startswith("time/"):
+                                totals[k] = totals.get(k, 0.0) + v
+                        if step % config.log_every == 0 or step == config.steps:
+                            tracker.log(step, {**stats, "recoveries": driver.recoveries})
+                            bar.set_postfix({k: f"{stats[k]:.3g}" for k in ("lora_loss", "grad_norm") if k in stats})
+                    if step % config.checkpoint_every == 0 or step >= config.steps:
+                        driver.checkpoint(step)
+                    if step >= config.steps:
+                        break
+                except LOST as err:
+                    step = driver.recover(err, f"step {step}")
                     bar.n = step
-                    continue
-                step += 1
-                bar.update(1)
-                for k, v in stats.items():
-                    if k.startswith("time/"):
-                        totals[k] = totals.get(k, 0.0) + v
-                if step % config.log_every == 0 or step == config.steps:
-                    tracker.log(step, {**stats, "recoveries": driver.recoveries})
-                    bar.set_postfix({k: f"{stats[k]:.3g}" for k in ("lora_loss", "grad_norm") if k in stats})
-                if step % config.checkpoint_every == 0 and step < config.steps:
-                    driver.checkpoint(step)
+                    bar.refresh()
         except KeyboardInterrupt:
             driver.checkpoint(step)
             tracker.finish()
             print(f"\ninterrupted at step {step}: checkpoint saved; continue with `pdray resume {run_dir}`")
             raise
         bar.close()
-        driver.checkpoint(config.steps)
         wall = time.perf_counter() - started
-        summary = run_summary(config, "ray", wall, config.steps - first, totals)
-        summary |= {"recoveries": driver.recoveries, "placement": driver.placement.as_dict()}
-        memory = ray.get([driver.score.memory.remote(), *(a.memory.remote() for a in driver.actors)])
+        summary = run_summary(config, "ray", wall, executed, totals)  # redone steps count: they took the time
+        everyone = [driver.score, *driver.actors]
+        memory = driver.recovering("memory report", lambda: ray.get([a.memory.remote() for a in everyone]))
         summary["actor_memory"] = {"score": memory[0], **{f"particles_{i}": m for i, m in enumerate(memory[1:])}}
         group = RemoteParticles(driver.actors)
-        summary |= evaluate_particles(config, group, run_dir)
-        tracker.log_particles(config.steps, group.images(eval_cameras(config, 4 if config.particle == "nerf" else 1)))
+        summary |= driver.recovering("evaluation", lambda: evaluate_particles(config, group, run_dir))
+        views = eval_cameras(config, 4 if config.particle == "nerf" else 1)
+        tracker.log_particles(config.steps, driver.recovering("evaluation", lambda: group.images(views)))
+        summary |= {"recoveries": driver.recoveries, "placement": driver.placement.as_dict(), "startup_s": startup}
         tracker.summary(summary)
         tracker.finish()
         return summary

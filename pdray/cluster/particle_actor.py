@@ -1,7 +1,8 @@
 """ParticleActor: owns k particles, their optimisers and a VAE encoder replica; renders and applies gradients.
 
 It sends latents (not images) and backpropagates through its own encoder and renderer. A restarted actor
-re-runs __init__ with fresh particles; the driver then restores them from the last checkpoint.
+re-runs __init__ with fresh particles and raises LostStateError until the driver restores the last checkpoint
+into it, so a process lost between two calls can never hand back untrained particles.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ray
 import torch
 
 from pdray.cameras import Cameras
+from pdray.cluster.lifecycle import LostStateError, start_actor
 from pdray.cluster.memory import peak_memory
 from pdray.config import RunConfig
 from pdray.particle import ParticleGroup, RenderOut
@@ -21,10 +23,14 @@ from pdray.priors.diffusion import load_prior
 @ray.remote
 class ParticleActor:
     def __init__(self, config: dict, particle_ids: list[int], num_cpus: float):
-        torch.set_num_threads(max(1, int(num_cpus)))
+        self.lost_state = start_actor(num_cpus)
         self.config = RunConfig.model_validate(config)
         prior = load_prior(self.config.prior, vae_only=True)
         self.group = ParticleGroup(self.config, particle_ids, prior)
+
+    def _check(self) -> None:
+        if self.lost_state:
+            raise LostStateError(f"particles {self.group.particle_ids} were restarted and await a checkpoint")
 
     def pid(self) -> int:
         return os.getpid()
@@ -34,16 +40,21 @@ class ParticleActor:
 
     @ray.method(num_returns=2)
     def render(self, step: int) -> tuple[RenderOut, dict[str, float]]:
+        self._check()
         return self.group.render(step)
 
     def apply(self, step: int, grads: torch.Tensor) -> dict[str, float]:
+        self._check()
         return self.group.apply(step, grads)
 
     def images(self, cameras: Cameras) -> dict[int, torch.Tensor]:
+        self._check()
         return self.group.images(cameras)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        self._check()
         return self.group.state_tensors()
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.group.load_state_tensors(tensors)
+        self.lost_state = False
