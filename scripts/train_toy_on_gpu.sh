@@ -6,10 +6,10 @@
 # Reassemble with: cat prior.tar.part-* | tar -xf - -C DIR
 set -euo pipefail
 out=$1
-minutes=${2:-6.8}
+minutes=${2:-6.5}
 work=${WORK:-$(mktemp -d)}
 mkdir -p "$out" "$work"
-python3 -c "import diffusers" 2>/dev/null || pip install -q --no-deps .whl/*.whl
+python3 -c "import diffusers" 2>/dev/null || python3 -m pip install -q --no-deps .whl/*.whl
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TQDM_MININTERVAL=30
 device=${DEVICE:-cuda}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
@@ -28,6 +28,7 @@ cfg = ToyTrainConfig(
 print(json.dumps(train_toy_prior(Path(sys.argv[1]), cfg), indent=2), flush=True)
 PY
 tar -C "$work" -cf - prior | split -b 15m - "$out/prior.tar.part-"
+[ "${BENCH:-1}" = 0 ] && exit 0  # the benchmark needs pdray's own dependencies (pydantic) installed
 python3 benchmarks/toy_prior.py --model "$work/prior" --device "$device" --out "$work/bench" \
   --samples-per-prompt "${SAMPLES:-32}" --steps "${STEPS:-50}"
 cp "$work/bench/report.json" "$out/report.json"
