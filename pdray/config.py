@@ -106,6 +106,8 @@ class NerfConfig(Section):
     """Stratified samples per ray."""
     shading: Literal["albedo", "lambertian", "textureless"] = "albedo"
     """Shading of renders during distillation."""
+    background: Literal["learned", "white"] = "learned"
+    """The background behind the object: an MLP on the view direction, or plain white (the toy world's)."""
     random_background_prob: Probability = 0.0
     """Probability of a random solid background colour per render."""
     lr_grid: Annotated[float, Field(gt=0)] = 1e-2

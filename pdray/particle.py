@@ -106,6 +106,11 @@ class ImageParticle(Particle):
         return {"value": self.value}
 
 
+def white_background(dirs: torch.Tensor) -> torch.Tensor:
+    """Plain white behind every ray, as in the toy world's renders."""
+    return torch.ones_like(dirs)
+
+
 class NeRFParticle(Particle):
     """A NeRF (density + albedo field and a background) rendered by ray marching, encoded by the VAE."""
 
@@ -113,16 +118,15 @@ class NeRFParticle(Particle):
         self.config = config.nerf
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         self.field = NeRFField(self.config.field).to(prior.device)
-        self.background = BackgroundField().to(prior.device)
-        self.optimizer = torch.optim.Adam(
-            [
-                {"params": self.field.encoding.parameters(), "lr": self.config.lr_grid},
-                {"params": self.field.mlp.parameters(), "lr": self.config.lr_net},
-                {"params": self.background.parameters(), "lr": self.config.lr_net},
-            ],
-            betas=(0.9, 0.99),
-            eps=1e-15,
-        )
+        groups = [
+            {"params": self.field.encoding.parameters(), "lr": self.config.lr_grid},
+            {"params": self.field.mlp.parameters(), "lr": self.config.lr_net},
+        ]
+        self.background = None
+        if self.config.background == "learned":
+            self.background = BackgroundField().to(prior.device)
+            groups.append({"params": self.background.parameters(), "lr": self.config.lr_net})
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         self._last = None
 
     def render(self, cameras: Cameras, generator: torch.Generator | None = None, resolution: int | None = None):
@@ -132,7 +136,7 @@ class NeRFParticle(Particle):
         needs_normals = self.config.shading != "albedo" or self.config.orientation_weight > 0
         out = render_volume(
             self.field,
-            self.background,
+            self.background if self.background is not None else white_background,
             origins,
             dirs,
             self.config.n_samples,
@@ -165,7 +169,7 @@ class NeRFParticle(Particle):
         return loss
 
     def modules(self) -> dict[str, torch.nn.Module | torch.nn.Parameter]:
-        return {"field": self.field, "background": self.background}
+        return {"field": self.field} | ({"background": self.background} if self.background is not None else {})
 
 
 def build_particle(config: RunConfig, prior: DiffusionPrior, particle_id: int) -> Particle:

@@ -146,3 +146,20 @@ def test_the_prolificdreamer_preset_builds_every_component_on_the_tiny_fixture(t
     grads, _ = score.grads(0, render)
     assert "lora_loss" in score.lora_update(0, render)
     assert group.apply(0, grads[0])["nonfinite_dropped"] == 0
+
+
+def test_white_background_renders_white_and_has_no_background_parameters(tiny_model):
+    from pdray.cameras import Cameras
+
+    config = tiny_config(tiny_model, "nerf.background=white", "nerf.field.density_bias=none")
+    group = ParticleGroup(config, [0], DiffusionPrior(tiny_model, device="cpu"))
+    assert not any(".background." in k for k in group.state_tensors())
+    with torch.no_grad():  # an empty field: every ray sees only the background
+        for p in group.particles[0].field.parameters():
+            p.zero_()
+        p.fill_(-20.0)  # the MLP's output bias: raw density far below zero
+    full = torch.ones(1)
+    image = group.images(Cameras(full * 15, full * 0, full * 1.5, full * 45))[0]
+    assert torch.allclose(image, torch.ones_like(image), atol=1e-3)
+    learned = ParticleGroup(tiny_config(tiny_model, "nerf.background=learned"), [0], group.prior)
+    assert any(".background." in k for k in learned.state_tensors())
