@@ -38,9 +38,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--out", default="benchmarks/results/distill_3d")
     parser.add_argument("--skip-diversity", action="store_true", help="only the 4-particle 'a red cube' run")
+    parser.add_argument("--skip-fidelity", action="store_true", help="only the 8-particle 'a cube' runs")
     args = parser.parse_args()
     out = Path(args.out)
-    rows = {"red_cube_vsd_x4": run("red_cube_vsd_x4", out, ["prompt=a red cube", "particles=4", f"steps={args.steps}"])}
+    rows = {}
+    if not args.skip_fidelity:
+        overrides = ["prompt=a red cube", "particles=4", f"steps={args.steps}"]
+        rows["red_cube_vsd_x4"] = run("red_cube_vsd_x4", out, overrides)
     if not args.skip_diversity:
         for guidance in ("vsd", "sds"):
             rows[f"cube_{guidance}_x8"] = run(

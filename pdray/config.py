@@ -159,8 +159,8 @@ class RunConfig(Section):
     """3D NeRF particles, or 2D image particles (the paper's 2D experiments)."""
     stages: list[Literal["nerf", "mesh"]] = ["nerf"]
     """Stages to run, in order."""
-    executor: Literal["local", "ray"] = "local"
-    """Where the work runs: one local process, or Ray actors."""
+    executor: Literal["local", "ray"] = "ray"
+    """Where the work runs: Ray actors (a local Ray cluster unless ray.address is set), or one local process."""
     t_range: TRange = TRange(at_step=200)
     """The annealed timestep range."""
     prior: PriorConfig = PriorConfig()
