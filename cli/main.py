@@ -173,7 +173,7 @@ def run(
     cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimisation steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    stages: Annotated[str | None, typer.Option(help="Comma-separated stages to run: nerf.")] = None,
+    stages: Annotated[str | None, typer.Option(help="Comma-separated stages to run: nerf or nerf,mesh.")] = None,
     executor: Annotated[str | None, typer.Option(help="local (one process) or ray.")] = None,
     wandb: Annotated[str | None, typer.Option(help="offline, online or off.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
@@ -195,8 +195,6 @@ def run(
         "stages": stages.split(",") if stages else None,
     }
     run_config = load_config(config, set_, extra)
-    if "mesh" in run_config.stages:
-        fail("the mesh stage is not yet available: use --stages nerf")
     run_dir = out or default_run_dir(run_config.prompt)
     if (run_dir / "checkpoints").exists():
         fail(f"{run_dir} already holds a run; continue it with `pdray resume {run_dir}` or choose another --out")
@@ -227,6 +225,29 @@ def _execute(run_config, run_dir: Path, resume: bool) -> None:
         raise typer.Exit(code=130) from None
     typer.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
     typer.echo(f"run folder: {run_dir}")
+    if "mesh" in run_config.stages:
+        _mesh(run_config, run_dir, list(range(run_config.particles)))
+
+
+def _mesh(run_config, run_dir: Path, particle_ids: list[int]) -> None:
+    """The mesh stage of particle_ids: Ray tasks with the Ray executor, else one after another in this process."""
+    if run_config.executor == "ray":
+        from pdray.cluster.mesh_tasks import run_mesh_ray
+
+        summary = run_mesh_ray(run_config, run_dir, particle_ids)
+    else:
+        from pdray.mesh_stage import run_mesh_local
+
+        summary = run_mesh_local(run_config, run_dir, particle_ids)
+    for pid, result in summary["particles"].items():
+        typer.echo(
+            f"particle {pid}: {result['triangles']} triangles, watertight {result['watertight']}, "
+            f"{result['texture_size']}px texture, {result['wall_time_s']:.0f}s -> {result['folder']}"
+        )
+    for pid, error in summary["failed"].items():
+        typer.echo(f"particle {pid}: FAILED {error}", err=True)
+    if summary["failed"]:
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -241,9 +262,33 @@ def resume(run_dir: Annotated[Path, typer.Argument(help="The run folder to conti
 
 
 @app.command()
-def export() -> None:
-    """Run the mesh stage on a finished run and export textured GLB/OBJ meshes."""
-    not_yet("export")
+@clean_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    particle: Annotated[int | None, typer.Option(min=0, help="Only this particle (default: all).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: --set mesh.texture_steps=50.")] = None,
+    executor: Annotated[str | None, typer.Option(help="local (one process) or ray (default: the run's).")] = None,
+) -> None:
+    """Run the mesh stage on a finished run: textured GLB and OBJ meshes into particles/NN/mesh/."""
+    import json
+
+    import torch
+
+    from pdray.checkpoint import checkpoint_folder
+    from pdray.config import load_config
+
+    if not (run_dir / "config.yaml").exists():
+        fail(f"{run_dir} is not a run folder (no config.yaml)")
+    run_config = load_config(str(run_dir / "config.yaml"), set_, {"executor": executor})
+    if run_config.particle != "nerf":
+        fail(f"{run_dir} holds 2D image particles; the mesh stage needs NeRF particles")
+    if particle is not None and particle >= run_config.particles:
+        fail(f"--particle {particle}: the run has particles 0 to {run_config.particles - 1}")
+    step = json.loads((checkpoint_folder(run_dir) / "state.json").read_text())["step"]
+    if step < run_config.steps:
+        typer.echo(f"warning: the run stopped at step {step} of {run_config.steps}; meshing that checkpoint", err=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    _mesh(run_config, run_dir, [particle] if particle is not None else list(range(run_config.particles)))
 
 
 @app.command()

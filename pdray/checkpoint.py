@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pdray.config import RunConfig, config_to_yaml
@@ -70,11 +71,32 @@ def save_checkpoint(
     return latest
 
 
-def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """state.json and every NAME.safetensors of checkpoints/latest (falls back to latest.old after a crash)."""
+def checkpoint_folder(run_dir: Path) -> Path:
+    """checkpoints/latest, or latest.old after a crash between the two renames of ``save_checkpoint``."""
     root = run_dir / "checkpoints"
     folder = root / "latest" if (root / "latest" / "state.json").exists() else root / "latest.old"
     if not (folder / "state.json").exists():
         raise FileNotFoundError(f"no checkpoint in {root}")
+    return folder
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """state.json and every NAME.safetensors of checkpoints/latest (falls back to latest.old after a crash)."""
+    folder = checkpoint_folder(run_dir)
     info = json.loads((folder / "state.json").read_text())
     return info, {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors")}
+
+
+def load_particle_tensors(run_dir: Path, particle_id: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """state.json and one particle's weights (no optimiser state, names without the particle prefix), read
+    from particles.safetensors without loading the other particles."""
+    folder = checkpoint_folder(run_dir)
+    info = json.loads((folder / "state.json").read_text())
+    prefix = f"{particle_id:04d}."
+    with safe_open(str(folder / "particles.safetensors"), framework="pt") as f:
+        mine = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 (a safetensors file is no dict)
+        names = [k for k in mine if not k.startswith(f"{prefix}optim.")]
+        tensors = {k[len(prefix) :]: f.get_tensor(k) for k in names}
+    if not tensors:
+        raise KeyError(f"the checkpoint in {folder} holds no state for particle {particle_id}")
+    return info, tensors

@@ -140,6 +140,37 @@ class RayConfig(Section):
     """Restarts allowed per actor before the run fails (-1: unlimited)."""
 
 
+class MeshConfig(Section):
+    tet_resolution: Annotated[int, Field(ge=2)] = 32
+    """Cells per side of the DMTet grid (paper: 128)."""
+    threshold: float = 2.0
+    """NeRF density at which the surface is extracted: inside where density > threshold (paper: 25)."""
+    geometry_steps: Annotated[int, Field(ge=0)] = 30
+    """Geometry fine-tune steps: SDS on rendered normal maps (paper: 15000)."""
+    texture_steps: Annotated[int, Field(ge=0)] = 30
+    """Texture fine-tune steps: VSD on the fixed geometry with a fresh CameraLoRA (paper: 30000)."""
+    geometry_cfg: Annotated[float, Field(ge=1.0)] = 100.0
+    """Classifier-free guidance of the geometry stage's SDS (paper: 100)."""
+    texture_cfg: Annotated[float, Field(ge=1.0)] = 7.5
+    """Classifier-free guidance of the texture stage's VSD (paper: 7.5)."""
+    geometry_lr: Annotated[float, Field(gt=0)] = 5e-3
+    """Adam learning rate of the SDF and the deformation (paper: 5e-3); the texture uses nerf.lr_grid / lr_net."""
+    t_range: TRange = TRange(at_step=5000)
+    """The annealed timestep range of both mesh stages (paper: 0.98 -> 0.5 at step 5000)."""
+    render_resolution: Annotated[int, Field(ge=8)] = 32
+    """Rasterised render resolution (pixels) during fine-tuning and for the mesh turntable (paper: 512)."""
+    normal_consistency_weight: Annotated[float, Field(ge=0)] = 1e4
+    """Weight of the normal-consistency regulariser: 1 - cos between adjacent face normals (paper: 1e4)."""
+    laplacian_weight: Annotated[float, Field(ge=0)] = 1e4
+    """Weight of the uniform Laplacian smoothness regulariser (paper: 1e4)."""
+    texture_resolution: Annotated[int, Field(ge=16)] = 256
+    """Side of the baked texture image, texels (threestudio's export: 1024)."""
+    cpus_per_task: Annotated[float, Field(gt=0)] | None = None
+    """CPUs per mesh task on CPU-only Ray clusters; default: the cluster's CPUs shared over the particles."""
+    max_retries: Annotated[int, Field(ge=0)] = 2
+    """Ray re-runs of a mesh task whose worker process died (an exception in the stage is not retried)."""
+
+
 class RunConfig(Section):
     prompt: str = "a cube"
     """The text prompt."""
@@ -158,7 +189,7 @@ class RunConfig(Section):
     particle: Literal["nerf", "image"] = "nerf"
     """3D NeRF particles, or 2D image particles (the paper's 2D experiments)."""
     stages: list[Literal["nerf", "mesh"]] = ["nerf"]
-    """Stages to run, in order."""
+    """Stages to run, in order: ["nerf"] or ["nerf", "mesh"] (`pdray export` meshes a finished run)."""
     executor: Literal["local", "ray"] = "ray"
     """Where the work runs: Ray actors (a local Ray cluster unless ray.address is set), or one local process."""
     t_range: TRange = TRange(at_step=200)
@@ -175,6 +206,8 @@ class RunConfig(Section):
     """NeRF particles."""
     image: ImageParticleConfig = ImageParticleConfig()
     """2D image particles."""
+    mesh: MeshConfig = MeshConfig()
+    """The mesh stage: DMTet geometry (SDS on normals), texture (VSD), export."""
     score_batch_size: Annotated[int, Field(ge=1)] = 32
     """Most latents per UNet call in the score estimator (the memory budget)."""
     log_every: Annotated[int, Field(ge=1)] = 10
@@ -190,6 +223,14 @@ class RunConfig(Section):
     @classmethod
     def _off_is_a_word(cls, value: Any) -> Any:
         return "off" if value is False else value
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> RunConfig:
+        if self.stages not in (["nerf"], ["nerf", "mesh"]):
+            raise ValueError(f"stages must be [nerf] or [nerf, mesh], got {self.stages}")
+        if "mesh" in self.stages and self.particle != "nerf":
+            raise ValueError("stages: the mesh stage needs NeRF particles (particle: nerf)")
+        return self
 
 
 def preset_names() -> list[str]:

@@ -1,4 +1,5 @@
-"""Textured mesh export: xatlas UVs, a texture baked from a colour field, GLB and OBJ + MTL + PNG through trimesh.
+"""Triangle meshes: smoothness regularisers, and textured export (xatlas UVs, a texture baked from a colour field,
+GLB and OBJ + MTL + PNG through trimesh).
 
 Baking rasterises the mesh in UV space (UVs as clip-space positions, the torch or nvdiffrast rasteriser), reads the
 3D point behind each covered texel from the interpolated vertex positions and asks the colour field for its colour.
@@ -45,6 +46,35 @@ class MeshStats:
     """Whether the input mesh is closed: every edge is shared by exactly two triangles."""
     texture_size: int
     """Side of the square texture image, in texels."""
+
+
+def _interior_edges(faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each edge shared by two triangles of ``faces: [F, 3]``: the two triangles' indices ``[E]``, ``[E]``."""
+    edges = faces[:, [[1, 2], [2, 0], [0, 1]]].sort(dim=-1).values.reshape(-1, 2)
+    key = edges[:, 0] * (int(faces.max()) + 1) + edges[:, 1]
+    order = key.argsort()
+    same = key[order[1:]] == key[order[:-1]]
+    return order[:-1][same] // 3, order[1:][same] // 3
+
+
+def normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 - cos`` between the normals of the two triangles at each shared edge (0 for a flat sheet).
+
+    ``verts: [V, 3]`` (differentiable), ``faces: [F, 3]``."""
+    tri = verts[faces]
+    normals = torch.nn.functional.normalize(torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), dim=-1)
+    a, b = _interior_edges(faces)
+    return (1.0 - (normals[a] * normals[b]).sum(dim=-1)).mean()
+
+
+def laplacian_smoothness(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Mean norm of the uniform graph Laplacian ``deg(i) v_i - sum of v_i's neighbours`` (threestudio's form, which
+    the paper's weight goes with). ``verts: [V, 3]`` (differentiable), ``faces: [F, 3]``."""
+    edges = torch.unique(faces[:, [[0, 1], [1, 2], [2, 0]]].reshape(-1, 2).sort(dim=-1).values, dim=0)
+    i, j = torch.cat([edges[:, 0], edges[:, 1]]), torch.cat([edges[:, 1], edges[:, 0]])
+    degree = torch.bincount(i, minlength=len(verts)).to(verts.dtype)
+    laplacian = degree[:, None] * verts - torch.zeros_like(verts).index_add(0, i, verts[j])
+    return laplacian[degree > 0].norm(dim=-1).mean()
 
 
 def unwrap_uv(verts: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,77 @@
+"""The mesh stage on Ray: one task per particle, all submitted at once; the driver only waits and records.
+
+    refs = [mesh_task.remote(config, run_dir, pid) for pid in particles]   # num_gpus=1 on GPU clusters
+    ray.wait(refs) one at a time -> progress bar; a result or the error of each particle
+
+The math lives in ``pdray.mesh_stage``; a task loads the run's checkpoint itself, so the driver sends no tensor.
+Ray re-runs a task whose worker process died (``mesh.max_retries``); an exception raised by the stage (no surface
+at the threshold, a missing particle) is deterministic, so it is reported, not retried. A failed particle never
+costs the others: their meshes are written and summary.json lists the failure.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayError, RayTaskError
+from tqdm.auto import tqdm
+
+from pdray.cluster.driver import cluster_resources, connect
+from pdray.cluster.lifecycle import actor_runtime_env, actor_threads
+from pdray.cluster.placement import Resources
+from pdray.config import RunConfig
+from pdray.mesh_stage import mesh_summary, record_mesh_summary, run_mesh_stage
+
+
+@ray.remote
+def mesh_task(config: dict, run_dir: str, particle_id: int, num_cpus: float) -> dict[str, Any]:
+    """The mesh stage of one particle, in a Ray worker; returns its stats (small, JSON-ready)."""
+    torch.set_num_threads(actor_threads(num_cpus))
+    return run_mesh_stage(RunConfig.model_validate(config), Path(run_dir), particle_id)
+
+
+def task_resources(resources: Resources, config: RunConfig, n_tasks: int) -> tuple[float, float]:
+    """(CPUs, GPUs) per mesh task: a whole GPU each on GPU clusters, else an equal share of the CPUs."""
+    if resources.gpus >= 1:
+        return config.mesh.cpus_per_task or 1.0, 1.0
+    if config.mesh.cpus_per_task is not None:
+        return config.mesh.cpus_per_task, 0.0
+    return max(1.0, float(int(resources.cpus // max(1, n_tasks)))), 0.0
+
+
+def _error(err: RayError) -> str:
+    """One line for summary.json: the stage's own exception, or what happened to the worker."""
+    cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
+    first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{cause.__class__.__name__}: {first_line}"
+
+
+def run_mesh_ray(config: RunConfig, run_dir: Path, particle_ids: list[int]) -> dict[str, Any]:
+    """Run the mesh stage of ``particle_ids`` as parallel Ray tasks; records and returns summary.json["mesh"]."""
+    connect(config)
+    started = time.perf_counter()
+    cpus, gpus = task_resources(cluster_resources(), config, len(particle_ids))
+    spec = config.model_dump(mode="json")
+    task = mesh_task.options(
+        num_cpus=cpus, num_gpus=gpus, max_retries=config.mesh.max_retries, runtime_env=actor_runtime_env(cpus)
+    )
+    owner = {task.remote(spec, str(run_dir.resolve()), pid, cpus): pid for pid in particle_ids}
+    results, failed = {}, {}
+    pending = list(owner)
+    with tqdm(total=len(pending), desc=f"mesh x{len(pending)} (ray)", unit="particle") as bar:
+        while pending:
+            (done,), pending = ray.wait(pending, num_returns=1)
+            pid = owner[done]
+            try:
+                results[pid] = ray.get(done)
+            except RayError as err:
+                failed[pid] = _error(err)
+                tqdm.write(f"mesh stage of particle {pid} failed: {failed[pid]}")
+            bar.update(1)
+    summary = mesh_summary(config, "ray", results, failed, time.perf_counter() - started)
+    summary["task_resources"] = {"cpus": cpus, "gpus": gpus}
+    return record_mesh_summary(run_dir, summary)

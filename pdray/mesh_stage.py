@@ -1,0 +1,250 @@
+"""The mesh stage of one particle: ProlificDreamer's second and third stages, then export. Reads top to bottom:
+
+    NeRF density > mesh.threshold  ->  DMTet SDF                 (MeshStage.__init__)
+    geometry: SDS on rasterised normal maps (CFG 100) + normal consistency + Laplacian   (geometry_step)
+    texture:  VSD with a fresh CameraLoRA on the fixed mesh; the texture field starts as a copy of the NeRF's
+              density/albedo field, of which only the albedo is used          (texture_step)
+    export:   xatlas UVs, baked texture, GLB, OBJ + MTL + PNG and turntable.gif into particles/NN/mesh/
+
+``run_mesh_stage`` does all of it for one particle from the run's checkpoint, in one process; the Ray layer
+(``pdray.cluster.mesh_tasks``) runs one per particle in parallel and ``run_mesh_local`` one after another.
+Both record ``summary.json["mesh"]``: a result per particle, and the error of each one that failed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pdray.cameras import CameraRanges, Cameras, sample_cameras
+from pdray.checkpoint import load_particle_tensors
+from pdray.config import RunConfig
+from pdray.distill import drop_nonfinite, surrogate_loss
+from pdray.evaluate import eval_cameras, score_views
+from pdray.geometry.dmtet import DMTet
+from pdray.geometry.mesh import export_mesh, laplacian_smoothness, normal_consistency
+from pdray.imaging import save_gif
+from pdray.particle import NeRFParticle, RenderOut, build_particle, stream, white_background
+from pdray.priors.diffusion import DiffusionPrior, load_prior
+from pdray.render.surface import render_color, render_normals
+from pdray.score import ScoreEstimator
+
+GEOMETRY, TEXTURE = 0x6E0, 0x7E1
+"""Keys of each stage's random streams (cameras, timesteps, noise), so the two never share a draw."""
+TURNTABLE_FRAMES = 24
+
+
+class MeshStageError(RuntimeError):
+    """The mesh stage cannot go on for this particle (no surface at the threshold, geometry collapsed)."""
+
+
+def stage_seed(seed: int, particle_id: int, stage: int) -> int:
+    """A seed of its own for one particle's stage, for the score estimator's timestep and noise streams."""
+    return int(np.random.SeedSequence([seed, particle_id, stage]).generate_state(1)[0])
+
+
+def mesh_folder(run_dir: Path, particle_id: int) -> Path:
+    return run_dir / "particles" / f"{particle_id:02d}" / "mesh"
+
+
+class MeshStage:
+    """One particle's DMTet geometry and texture field, their optimisers and the score estimators driving them."""
+
+    def __init__(self, config: RunConfig, particle: NeRFParticle, particle_id: int, prior: DiffusionPrior):
+        self.config, self.mesh, self.prior, self.particle_id = config, config.mesh, prior, particle_id
+        device = prior.device
+        field = particle.field
+        self.dmtet = DMTet(self.mesh.tet_resolution, field.config.radius).to(device)
+        self.dmtet.init_sdf_from_density(field.density, self.mesh.threshold)
+        if not (self.dmtet.signed_distance() < 0).any():
+            with torch.no_grad():
+                peak = float(field.density(self.dmtet.vertices()).max())
+            raise MeshStageError(
+                f"particle {particle_id}: no surface at mesh.threshold={self.mesh.threshold:g} "
+                f"(the NeRF's density peaks at {peak:.3g} on the grid); lower the threshold"
+            )
+        self.geometry_optimizer = torch.optim.Adam(
+            self.dmtet.parameters(), lr=self.mesh.geometry_lr, betas=(0.9, 0.99), eps=1e-15
+        )
+        self.normal_background = 1.0 if config.nerf.background == "white" else 0.0  # threestudio: black
+
+        self.texture = copy.deepcopy(field)  # starts as the NeRF's albedo; its density head goes unused
+        groups = [
+            {"params": self.texture.encoding.parameters(), "lr": config.nerf.lr_grid},
+            {"params": self.texture.mlp.parameters(), "lr": config.nerf.lr_net},
+        ]
+        self.background = white_background
+        if particle.background is not None:
+            self.background = copy.deepcopy(particle.background)
+            groups.append({"params": self.background.parameters(), "lr": config.nerf.lr_net})
+        self.texture_optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        c = config.camera
+        self.ranges = CameraRanges(c.elevation, c.azimuth, c.distance, c.fov)
+        self.mesh_verts: torch.Tensor | None = None  # the fixed geometry of the texture stage
+        self.mesh_faces: torch.Tensor | None = None
+
+    def score_estimator(self, guidance: str, cfg: float, stage: int) -> ScoreEstimator:
+        """SDS or VSD with this stage's guidance scale, timestep range and seed; VSD brings a fresh CameraLoRA."""
+        update = {
+            "guidance": guidance,
+            "cfg": cfg,
+            "t_range": self.mesh.t_range,
+            "seed": stage_seed(self.config.seed, self.particle_id, stage),
+        }
+        return ScoreEstimator(self.config.model_copy(update=update), self.prior)
+
+    def cameras(self, step: int, stage: int) -> Cameras:
+        generator = stream(self.config.seed, self.particle_id, step, stage)
+        return sample_cameras(self.config.camera.views_per_step, self.ranges, generator)
+
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
+        """The texture field's colour ``[N, 3]`` at surface points ``[N, 3]``."""
+        return self.texture(points)[1]
+
+    def _step(self, z: torch.Tensor, cams: Cameras, score: ScoreEstimator, step: int, regularisation, optimizer):
+        """Score the latents, fit the LoRA on them (VSD), then backpropagate the gradient plus a regulariser."""
+        render = RenderOut(z.detach().float().cpu(), cams.c2w(), cams.view_labels(), [self.particle_id] * len(cams))
+        (grad,), stats = score.grads(step, render)
+        stats |= score.lora_update(step, render)
+        grad, stats["nonfinite_dropped"] = drop_nonfinite(grad.to(z.device, z.dtype))
+        loss = surrogate_loss(z, grad) / z.shape[0] + regularisation
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return stats | {"regularisation": float(regularisation.detach())}
+
+    def geometry_step(self, step: int, score: ScoreEstimator) -> dict[str, float]:
+        cams = self.cameras(step, GEOMETRY)
+        verts, faces = self.dmtet()
+        if len(faces) == 0:
+            raise MeshStageError(f"particle {self.particle_id}: the surface vanished at geometry step {step}")
+        normals = render_normals(verts, faces, cams, self.mesh.render_resolution, self.normal_background)
+        regularisation = self.mesh.normal_consistency_weight * normal_consistency(verts, faces)
+        regularisation = regularisation + self.mesh.laplacian_weight * laplacian_smoothness(verts, faces)
+        z = self.prior.encode(normals)
+        return self._step(z, cams, score, step, regularisation, self.geometry_optimizer)
+
+    def fix_geometry(self) -> None:
+        """Extract the mesh once: the texture stage and the export use it as it is."""
+        with torch.no_grad():
+            verts, faces = self.dmtet()
+        self.mesh_verts, self.mesh_faces = verts.detach(), faces
+
+    def render(self, cams: Cameras) -> torch.Tensor:
+        """The textured fixed mesh from ``cams``: ``[B, 3, H, W]`` in [0, 1]."""
+        return render_color(
+            self.mesh_verts, self.mesh_faces, cams, self.mesh.render_resolution, self.albedo, self.background
+        )
+
+    def texture_step(self, step: int, score: ScoreEstimator) -> dict[str, float]:
+        cams = self.cameras(step, TEXTURE)
+        z = self.prior.encode(self.render(cams))
+        return self._step(z, cams, score, step, torch.zeros((), device=z.device), self.texture_optimizer)
+
+
+def run_mesh_stage(config: RunConfig, run_dir: Path, particle_id: int, progress: bool = False) -> dict[str, Any]:
+    """The mesh stage of one particle of a finished run: fine-tune, export into particles/NN/mesh/, return stats."""
+    started = time.perf_counter()
+    prior = load_prior(config.prior)
+    particle = build_particle(config, prior, particle_id)
+    if not isinstance(particle, NeRFParticle):
+        raise MeshStageError("the mesh stage needs NeRF particles (particle: nerf)")
+    _, tensors = load_particle_tensors(run_dir, particle_id)
+    particle.load_state_tensors(tensors)
+    stage = MeshStage(config, particle, particle_id, prior)
+    times = {"load": time.perf_counter() - started}
+    last: dict[str, dict[str, float]] = {}
+    bar_args = {"disable": not progress, "leave": False, "unit": "step"}
+
+    began = time.perf_counter()
+    if config.mesh.geometry_steps:
+        score = stage.score_estimator("sds", config.mesh.geometry_cfg, GEOMETRY)
+        for step in tqdm(range(config.mesh.geometry_steps), desc=f"geometry {particle_id}", **bar_args):
+            last["geometry"] = stage.geometry_step(step, score)
+    stage.fix_geometry()
+    times["geometry"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    if config.mesh.texture_steps:
+        score = stage.score_estimator("vsd", config.mesh.texture_cfg, TEXTURE)
+        for step in tqdm(range(config.mesh.texture_steps), desc=f"texture {particle_id}", **bar_args):
+            last["texture"] = stage.texture_step(step, score)
+    times["texture"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    folder = mesh_folder(run_dir, particle_id)
+    stats = export_mesh(stage.mesh_verts, stage.mesh_faces, stage.albedo, folder, config.mesh.texture_resolution)
+    with torch.no_grad():
+        frames = stage.render(eval_cameras(config, TURNTABLE_FRAMES)).cpu()
+    save_gif(frames, folder / "turntable.gif")
+    times["export"] = time.perf_counter() - began
+    judged = score_views(config, {particle_id: frames})
+    return {
+        "particle": particle_id,
+        "triangles": stats.triangles,
+        "vertices": stats.vertices,
+        "watertight": stats.watertight,
+        "texture_size": stats.texture_size,
+        "wall_time_s": time.perf_counter() - started,
+        "time_s": times,
+        "last_step": last,
+        **({"judge_agreement": judged["judge_agreement"]} if "judge_agreement" in judged else {}),
+        "folder": str(folder),
+    }
+
+
+def run_mesh_local(config: RunConfig, run_dir: Path, particle_ids: list[int]) -> dict[str, Any]:
+    """The mesh stage of each particle in this process, one after another; a failure is recorded and the next
+    particle goes on. Returns (and records in summary.json) ``{"particles": ..., "failed": ..., ...}``."""
+    started = time.perf_counter()
+    results, failed = {}, {}
+    for pid in tqdm(particle_ids, desc="mesh", unit="particle"):
+        try:
+            results[pid] = run_mesh_stage(config, run_dir, pid, progress=True)
+        except Exception as err:  # one broken particle must not cost the others
+            failed[pid] = f"{err.__class__.__name__}: {err}"
+            tqdm.write(f"mesh stage of particle {pid} failed:\n{traceback.format_exc()}")
+    return record_mesh_summary(run_dir, mesh_summary(config, "local", results, failed, time.perf_counter() - started))
+
+
+def mesh_summary(
+    config: RunConfig, executor: str, results: dict[int, dict], failed: dict[int, str], wall: float
+) -> dict[str, Any]:
+    """``summary.json["mesh"]``: the mesh config used, one result per particle, and each failure's error."""
+    return {
+        "executor": executor,
+        "wall_time_s": wall,
+        "config": config.mesh.model_dump(mode="json"),
+        "particles": _by_particle(results),
+        "failed": _by_particle(failed),
+    }
+
+
+def _by_particle(items: dict) -> dict[str, Any]:
+    """Keys as strings (JSON), in particle order."""
+    return {str(k): v for k, v in sorted(items.items(), key=lambda kv: int(kv[0]))}
+
+
+def record_mesh_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Set ``summary.json["mesh"]`` (merged per particle with an earlier export), written atomically."""
+    path = run_dir / "summary.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    previous = data.get("mesh", {})
+    particles = {k: v for k, v in previous.get("particles", {}).items() if k not in summary["failed"]}
+    failed = {k: v for k, v in previous.get("failed", {}).items() if k not in summary["particles"]}
+    data["mesh"] = summary | {
+        "particles": _by_particle(particles | summary["particles"]),
+        "failed": _by_particle(failed | summary["failed"]),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    return data["mesh"]
