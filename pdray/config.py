@@ -145,9 +145,9 @@ class MeshConfig(Section):
     """Cells per side of the DMTet grid (paper: 128)."""
     threshold: float = 2.0
     """NeRF density at which the surface is extracted: inside where density > threshold (paper: 25)."""
-    geometry_steps: Annotated[int, Field(ge=0)] = 30
+    geometry_steps: Annotated[int, Field(ge=0)] = 100
     """Geometry fine-tune steps: SDS on rendered normal maps (paper: 15000)."""
-    texture_steps: Annotated[int, Field(ge=0)] = 30
+    texture_steps: Annotated[int, Field(ge=0)] = 100
     """Texture fine-tune steps: VSD on the fixed geometry with a fresh CameraLoRA (paper: 30000)."""
     geometry_cfg: Annotated[float, Field(ge=1.0)] = 100.0
     """Classifier-free guidance of the geometry stage's SDS (paper: 100)."""
