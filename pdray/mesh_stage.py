@@ -6,8 +6,8 @@
               density/albedo field, of which only the albedo is used          (texture_step)
     export:   xatlas UVs, baked texture, GLB, OBJ + MTL + PNG and turntable.gif into particles/NN/mesh/
 
-``run_mesh_stage`` does all of it for one particle from the run's checkpoint, in one process; the Ray layer
-(``pdray.cluster.mesh_tasks``) runs one per particle in parallel and ``run_mesh_local`` one after another.
+``run_mesh_stage`` does all of it for one particle's NeRF weights, in one process, writing into a folder; the Ray
+layer (``pdray.cluster.mesh_tasks``) runs one per particle in parallel and ``run_mesh_local`` one after another.
 Both record ``summary.json["mesh"]``: a result per particle, and the error of each one that failed.
 """
 
@@ -150,15 +150,17 @@ class MeshStage:
         return self._step(z, cams, score, step, torch.zeros((), device=z.device), self.texture_optimizer)
 
 
-def run_mesh_stage(config: RunConfig, run_dir: Path, particle_id: int, progress: bool = False) -> dict[str, Any]:
-    """The mesh stage of one particle of a finished run: fine-tune, export into particles/NN/mesh/, return stats."""
+def run_mesh_stage(
+    config: RunConfig, nerf_tensors: dict[str, torch.Tensor], particle_id: int, folder: Path, progress: bool = False
+) -> dict[str, Any]:
+    """The mesh stage of one particle from its NeRF weights (``load_particle_tensors``): fine-tune, write the
+    meshes and turntable into ``folder``, return stats (JSON-ready)."""
     started = time.perf_counter()
     prior = load_prior(config.prior)
     particle = build_particle(config, prior, particle_id)
     if not isinstance(particle, NeRFParticle):
         raise MeshStageError("the mesh stage needs NeRF particles (particle: nerf)")
-    _, tensors = load_particle_tensors(run_dir, particle_id)
-    particle.load_state_tensors(tensors)
+    particle.load_state_tensors(nerf_tensors)
     stage = MeshStage(config, particle, particle_id, prior)
     times = {"load": time.perf_counter() - started}
     last: dict[str, dict[str, float]] = {}
@@ -180,7 +182,6 @@ def run_mesh_stage(config: RunConfig, run_dir: Path, particle_id: int, progress:
     times["texture"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    folder = mesh_folder(run_dir, particle_id)
     stats = export_mesh(stage.mesh_verts, stage.mesh_faces, stage.albedo, folder, config.mesh.texture_resolution)
     with torch.no_grad():
         frames = stage.render(eval_cameras(config, TURNTABLE_FRAMES)).cpu()
@@ -197,7 +198,6 @@ def run_mesh_stage(config: RunConfig, run_dir: Path, particle_id: int, progress:
         "time_s": times,
         "last_step": last,
         **({"judge_agreement": judged["judge_agreement"]} if "judge_agreement" in judged else {}),
-        "folder": str(folder),
     }
 
 
@@ -208,7 +208,9 @@ def run_mesh_local(config: RunConfig, run_dir: Path, particle_ids: list[int]) ->
     results, failed = {}, {}
     for pid in tqdm(particle_ids, desc="mesh", unit="particle"):
         try:
-            results[pid] = run_mesh_stage(config, run_dir, pid, progress=True)
+            _, tensors = load_particle_tensors(run_dir, pid)
+            folder = mesh_folder(run_dir, pid)
+            results[pid] = run_mesh_stage(config, tensors, pid, folder, progress=True) | {"folder": str(folder)}
         except Exception as err:  # one broken particle must not cost the others
             failed[pid] = f"{err.__class__.__name__}: {err}"
             tqdm.write(f"mesh stage of particle {pid} failed:\n{traceback.format_exc()}")
@@ -231,6 +233,15 @@ def mesh_summary(
 def _by_particle(items: dict) -> dict[str, Any]:
     """Keys as strings (JSON), in particle order."""
     return {str(k): v for k, v in sorted(items.items(), key=lambda kv: int(kv[0]))}
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Write each named file into ``folder`` atomically (write beside it, then rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(folder / name)
 
 
 def record_mesh_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:

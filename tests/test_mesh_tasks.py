@@ -25,7 +25,8 @@ def test_task_resources_take_a_gpu_each_or_share_the_cpus() -> None:
 
 
 @pytest.mark.slow
-def test_one_particle_meshes_as_a_ray_task_and_a_failed_one_is_reported(tiny_model, tmp_path, tmp_path_factory):
+def test_one_particle_meshes_as_a_ray_task_and_failed_ones_are_reported(tiny_model, tmp_path, tmp_path_factory):
+    from pdray.checkpoint import load_checkpoint, save_checkpoint
     from pdray.cluster.mesh_tasks import run_mesh_ray
     from pdray.local_executor import run_local
 
@@ -33,7 +34,7 @@ def test_one_particle_meshes_as_a_ray_task_and_a_failed_one_is_reported(tiny_mod
         "default",
         [
             f"prior.model={tiny_model}",
-            "particles=1",
+            "particles=2",
             "steps=2",
             "executor=ray",
             "wandb=off",
@@ -48,6 +49,9 @@ def test_one_particle_meshes_as_a_ray_task_and_a_failed_one_is_reported(tiny_mod
         ],
     )
     run_local(config, tmp_path)  # the NeRF stage, in this process
+    info, tensors = load_checkpoint(tmp_path)
+    tensors["particles"]["0001.field.mlp.2.bias"][0] = -1e3  # particle 1 has no density anywhere: no surface
+    save_checkpoint(tmp_path, info.pop("step"), tensors, info)
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(
         address="local",
@@ -57,10 +61,11 @@ def test_one_particle_meshes_as_a_ray_task_and_a_failed_one_is_reported(tiny_mod
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
     )
     try:
-        summary = run_mesh_ray(config, tmp_path, [0, 5])  # the run has no particle 5
+        summary = run_mesh_ray(config, tmp_path, [0, 1, 5])  # the run has no particle 5
     finally:
         ray.shutdown()
-    assert list(summary["particles"]) == ["0"] and list(summary["failed"]) == ["5"]
+    assert list(summary["particles"]) == ["0"] and list(summary["failed"]) == ["1", "5"]
+    assert summary["failed"]["1"].startswith("MeshStageError: particle 1: no surface at mesh.threshold=2")
     assert "holds no state for particle 5" in summary["failed"]["5"]
     assert summary["executor"] == "ray" and summary["task_resources"] == {"cpus": 1.0, "gpus": 0.0}
     result = summary["particles"]["0"]

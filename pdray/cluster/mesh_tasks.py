@@ -1,16 +1,19 @@
 """The mesh stage on Ray: one task per particle, all submitted at once; the driver only waits and records.
 
-    refs = [mesh_task.remote(config, run_dir, pid) for pid in particles]   # num_gpus=1 on GPU clusters
-    ray.wait(refs) one at a time -> progress bar; a result or the error of each particle
+    refs = [mesh_task.remote(config, nerf_weights[pid], pid) for pid in particles]   # num_gpus=1 on GPU clusters
+    ray.wait(refs) one at a time -> progress bar; write each particle's files, or record its error
 
-The math lives in ``pdray.mesh_stage``; a task loads the run's checkpoint itself, so the driver sends no tensor.
+The math lives in ``pdray.mesh_stage``. The run folder lives on the driver's machine (a worker on another node need
+not see it), so the driver reads each particle's NeRF weights from the checkpoint and sends them with its task,
+and a task returns its files (GLB, OBJ, MTL, PNG, GIF: kilobytes to a few MB) for the driver to write.
 Ray re-runs a task whose worker process died (``mesh.max_retries``); an exception raised by the stage (no surface
-at the threshold, a missing particle) is deterministic, so it is reported, not retried. A failed particle never
-costs the others: their meshes are written and summary.json lists the failure.
+at the threshold) is deterministic, so it is reported, not retried. A failed particle never costs the others:
+their meshes are written and summary.json lists the failure.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,18 +23,23 @@ import torch
 from ray.exceptions import RayError, RayTaskError
 from tqdm.auto import tqdm
 
+from pdray.checkpoint import load_particle_tensors
 from pdray.cluster.driver import cluster_resources, connect
 from pdray.cluster.lifecycle import actor_runtime_env, actor_threads
 from pdray.cluster.placement import Resources
 from pdray.config import RunConfig
-from pdray.mesh_stage import mesh_summary, record_mesh_summary, run_mesh_stage
+from pdray.mesh_stage import mesh_folder, mesh_summary, record_mesh_summary, run_mesh_stage, write_files
 
 
 @ray.remote
-def mesh_task(config: dict, run_dir: str, particle_id: int, num_cpus: float) -> dict[str, Any]:
-    """The mesh stage of one particle, in a Ray worker; returns its stats (small, JSON-ready)."""
+def mesh_task(
+    config: dict, nerf_tensors: dict[str, torch.Tensor], particle_id: int, num_cpus: float
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The mesh stage of one particle in a Ray worker: its stats and its files by name."""
     torch.set_num_threads(actor_threads(num_cpus))
-    return run_mesh_stage(RunConfig.model_validate(config), Path(run_dir), particle_id)
+    with tempfile.TemporaryDirectory(prefix="pdray-mesh-") as tmp:
+        result = run_mesh_stage(RunConfig.model_validate(config), nerf_tensors, particle_id, Path(tmp))
+        return result, {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
 
 
 def task_resources(resources: Resources, config: RunConfig, n_tasks: int) -> tuple[float, float]:
@@ -59,15 +67,24 @@ def run_mesh_ray(config: RunConfig, run_dir: Path, particle_ids: list[int]) -> d
     task = mesh_task.options(
         num_cpus=cpus, num_gpus=gpus, max_retries=config.mesh.max_retries, runtime_env=actor_runtime_env(cpus)
     )
-    owner = {task.remote(spec, str(run_dir.resolve()), pid, cpus): pid for pid in particle_ids}
-    results, failed = {}, {}
+    results, failed, owner = {}, {}, {}
+    for pid in particle_ids:
+        try:
+            _, tensors = load_particle_tensors(run_dir, pid)
+        except KeyError as err:
+            failed[pid] = f"KeyError: {err.args[0]}"
+            continue
+        owner[task.remote(spec, tensors, pid, cpus)] = pid
     pending = list(owner)
-    with tqdm(total=len(pending), desc=f"mesh x{len(pending)} (ray)", unit="particle") as bar:
+    with tqdm(total=len(particle_ids), initial=len(failed), desc=f"mesh x{len(particle_ids)} (ray)") as bar:
         while pending:
             (done,), pending = ray.wait(pending, num_returns=1)
             pid = owner[done]
             try:
-                results[pid] = ray.get(done)
+                result, files = ray.get(done)
+                folder = mesh_folder(run_dir, pid)
+                write_files(folder, files)
+                results[pid] = result | {"folder": str(folder)}
             except RayError as err:
                 failed[pid] = _error(err)
                 tqdm.write(f"mesh stage of particle {pid} failed: {failed[pid]}")
