@@ -188,8 +188,8 @@ class RunConfig(Section):
     """Optimisation steps of the NeRF (or 2D) stage."""
     particle: Literal["nerf", "image"] = "nerf"
     """3D NeRF particles, or 2D image particles (the paper's 2D experiments)."""
-    stages: list[Literal["nerf", "mesh"]] = ["nerf"]
-    """Stages to run, in order: ["nerf"] or ["nerf", "mesh"] (`pdray export` meshes a finished run)."""
+    stages: list[Literal["nerf", "mesh"]] = ["nerf", "mesh"]
+    """Stages to run, in order: ["nerf", "mesh"] or ["nerf"] alone (`pdray export` meshes a finished run later)."""
     executor: Literal["local", "ray"] = "ray"
     """Where the work runs: Ray actors (a local Ray cluster unless ray.address is set), or one local process."""
     t_range: TRange = TRange(at_step=200)

@@ -71,6 +71,8 @@ def test_pdray_run_end_to_end_on_the_tiny_prior(tiny_model, tmp_path):
         "3",
         "--executor",
         "local",
+        "--stages",
+        "nerf",
         "--wandb",
         "off",
         "--set",

@@ -93,7 +93,8 @@ def test_normal_map_sees_the_facing_side() -> None:
 
 
 def test_stages_are_validated(tiny_model) -> None:
-    assert load_config("default").stages == ["nerf"]
+    assert load_config("default").stages == ["nerf", "mesh"]
+    assert load_config("image2d").stages == ["nerf"]
     with pytest.raises(ConfigError, match=r"stages must be \[nerf\] or \[nerf, mesh\]"):
         load_config("default", ["stages=[mesh]"])
     with pytest.raises(ConfigError, match="the mesh stage needs NeRF particles"):
