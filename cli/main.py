@@ -297,10 +297,9 @@ def submit() -> None:
     not_yet("submit")
 
 
-@app.command()
-def study() -> None:
-    """Run a grid of runs (guidance x cfg x particles x seeds) and write the diversity study."""
-    not_yet("study")
+from pdray.cli.study import study  # noqa: E402  (the command lives in its own module)
+
+app.command()(clean_errors(study))
 
 
 if __name__ == "__main__":

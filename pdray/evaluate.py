@@ -1,8 +1,9 @@
-"""Evaluation of particles from fixed cameras: views.png, turntable.gif, judge scores and diversity.
+"""Evaluation of particles from fixed cameras: views.png, turntable.gif, judge scores, diversity and saturation.
 
 With the toy prior, the judge says whether each view shows the prompt (the analogue of CLIP R-precision)
 and gives features for diversity. With any other prior the diversity fallback is the mean pairwise RGB
-distance of 32x32 renders (documented, cruder: it also counts pose-independent colour changes).
+distance of 32x32 renders (documented, cruder: it also counts pose-independent colour changes). Every prior gets
+the foreground saturation of the views (``pdray.metrics``), averaged over particles: the over-saturation symptom.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from pdray.cameras import Cameras, orbit_cameras
 from pdray.config import RunConfig
 from pdray.imaging import save_gif, save_png
+from pdray.metrics import foreground_saturation
 from pdray.priors.diffusion import TOY_MODEL, TOY_MODEL_DIR
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
 from pdray.tracking import mean_pairwise_distance
@@ -42,7 +44,7 @@ def evaluate_particles(config: RunConfig, group, run_dir: Path, turntable_frames
 
 @torch.no_grad()
 def score_views(config: RunConfig, views: dict[int, torch.Tensor]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"saturation": sum(foreground_saturation(v) for v in views.values()) / len(views)}
     if config.prior.model == TOY_MODEL and (TOY_MODEL_DIR / "judge").exists():
         judge = load_judge(TOY_MODEL_DIR / "judge")
         agreement, colours, features = {}, [], []

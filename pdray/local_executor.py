@@ -22,11 +22,15 @@ from pdray.evaluate import eval_cameras, evaluate_particles
 from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import load_prior
 from pdray.score import ScoreEstimator
-from pdray.tracking import Tracker, run_summary
+from pdray.tracking import Tracker, WandbLabels, run_summary
 
 
-def run_local(config: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) the NeRF / 2D stage in this process and fill the run folder; returns the summary."""
+def run_local(
+    config: RunConfig, run_dir: Path, resume: bool = False, labels: WandbLabels | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the NeRF / 2D stage in this process and fill the run folder; returns the summary.
+
+    ``labels`` file the W&B run in a group with extra config (a study's cell)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     torch.manual_seed(config.seed)
@@ -39,7 +43,7 @@ def run_local(config: RunConfig, run_dir: Path, resume: bool = False) -> dict[st
         group.load_state_tensors(tensors["particles"])
         score.load_state_tensors(tensors.get("lora", {}))
         start = int(info["step"])
-    tracker = Tracker(run_dir, config, resume=resume)
+    tracker = Tracker(run_dir, config, resume=resume, labels=labels)
     started, totals = time.perf_counter(), {}
     step = start
     bar = tqdm(

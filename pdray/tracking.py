@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,16 @@ import torch
 from pdray.config import RunConfig
 
 
+@dataclass(frozen=True)
+class WandbLabels:
+    """How a run is filed in W&B beyond its own config: a group (a study's name) and extra config (its grid values)."""
+
+    group: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
 class Tracker:
-    def __init__(self, run_dir: Path, config: RunConfig, resume: bool = False):
+    def __init__(self, run_dir: Path, config: RunConfig, resume: bool = False, labels: WandbLabels | None = None):
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.wandb = None
@@ -25,12 +34,14 @@ class Tracker:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            labels = labels or WandbLabels()
             self.wandb = wandb.init(
                 project="pdray",
                 dir=str(run_dir),
                 mode=config.wandb,
                 name=run_dir.name,
-                config=config.model_dump(mode="json"),
+                group=labels.group,
+                config=config.model_dump(mode="json") | labels.config,
                 resume="allow" if resume else None,
                 id=_wandb_id(run_dir),
                 reinit="finish_previous",
@@ -101,3 +112,30 @@ def run_summary(config: RunConfig, executor: str, wall: float, steps_run: int, t
         "steps_per_s": steps_run / wall if wall > 0 else 0.0,
         "time_per_step_s": {k[len("time/") :]: v / steps_run for k, v in totals.items()},
     }
+
+
+def log_study(study_dir: Path, name: str, mode: str, meta: dict[str, Any], rows: list[dict], figures: list[Path]):
+    """The study's own W&B run (group = the study): its table, with each run's particle sheet as an image column,
+    and its figures. Each cell's run is already in the same group with its grid values in its config."""
+    import wandb
+
+    from pdray.study_report import particle_sheet
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(
+        project="pdray",
+        dir=str(study_dir),
+        mode=mode,
+        name=f"{name}-study",
+        group=name,
+        job_type="study",
+        config=meta,
+        reinit="finish_previous",
+    )
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = wandb.Table(columns=[*columns, "particles"])
+    for row in rows:
+        sheet = particle_sheet(study_dir / "runs" / row["cell"])
+        table.add_data(*(row.get(c) for c in columns), wandb.Image(sheet) if sheet is not None else None)
+    run.log({"study": table, **{f"figures/{p.stem}": wandb.Image(str(p)) for p in figures}})
+    run.finish()

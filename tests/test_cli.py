@@ -54,7 +54,7 @@ def test_sample_with_a_missing_model_is_one_clear_line(tmp_path):
 
 
 def test_commands_not_yet_built_say_so():
-    for command in ("submit", "study"):
+    for command in ("submit",):
         result = runner.invoke(app, [command])
         assert result.exit_code == 2 and "not yet available" in result.output
 

@@ -1,0 +1,106 @@
+"""A study's cells on Ray: one task per cell, each running the local executor in its own worker process.
+
+    refs = [study_cell.remote(config, labels, name, cpus) for every cell]   # Ray runs as many as fit
+    ray.wait(refs) one at a time -> the cell's summary and run-folder files, or its error -> retry once
+
+Why tasks running the local executor, not the Ray executor per cell: a study's cells are independent, so the
+parallelism is across cells; one process per cell holds its particles and its score network with no messages
+between actors, and a cell's CPU share (``cpus_per_cell``, torch threads to match) sets how many run at once.
+A task writes its run into a temporary folder and returns the files (kilobytes to a few MB on the toy prior),
+so the study folder lives only on the driver's machine, as with the mesh tasks. Retries are the driver's own
+(``max_retries=0`` in Ray), so a failure is reported as it happens before the one retry.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayError
+from tqdm.auto import tqdm
+
+from pdray.cluster.driver import cluster_resources, connect
+from pdray.cluster.lifecycle import actor_runtime_env, actor_threads
+from pdray.cluster.mesh_tasks import _error
+from pdray.config import RunConfig
+from pdray.tracking import WandbLabels
+
+
+@ray.remote
+def study_cell(
+    config: dict, labels: dict, name: str, num_cpus: float
+) -> tuple[dict[str, Any], dict[str, bytes], float]:
+    """One cell in a Ray worker: its summary, its run folder's files by relative path, and its wall time."""
+    from pdray.local_executor import run_local
+
+    started = time.perf_counter()
+    torch.set_num_threads(actor_threads(num_cpus))
+    with tempfile.TemporaryDirectory(prefix="pdray-study-") as tmp:
+        run_dir = Path(tmp) / name
+        summary = run_local(RunConfig.model_validate(config), run_dir, labels=WandbLabels(**labels))
+        files = {}
+        for root, _, names in os.walk(run_dir):
+            for file_name in names:
+                path = Path(root) / file_name
+                if not path.is_symlink():
+                    files[str(path.relative_to(run_dir))] = path.read_bytes()
+    return summary, files, time.perf_counter() - started
+
+
+@dataclass
+class CellOutcome:
+    """What became of one cell: its summary and files, or the error of its last attempt."""
+
+    cell: Any
+    attempts: int
+    summary: dict[str, Any] | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+    wall_s: float | None = None
+    error: str | None = None
+
+
+def cell_runtime_env(num_cpus: float) -> dict:
+    """An actor's environment (niceness 0, threads = CPUs), with the run's own progress bar off: the study has one."""
+    env = actor_runtime_env(num_cpus)
+    env["env_vars"]["TQDM_DISABLE"] = "1"
+    return env
+
+
+def run_cells(cells: list[tuple[Any, RunConfig]], spec: Any, study_name: str) -> Iterator[CellOutcome]:
+    """Submit every cell at once; yield each outcome as it finishes. A failed attempt is reported and retried
+    ``spec.retries`` times; then the cell is yielded with its error."""
+    if not cells:
+        return
+    connect(cells[0][1])  # every cell's config carries the study's ray.address
+    gpus = spec.gpus_per_cell
+    if gpus is None:
+        gpus = 1.0 if cluster_resources().gpus >= 1 else 0.0
+    cpus = spec.cpus_per_cell
+    task = study_cell.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, runtime_env=cell_runtime_env(cpus))
+
+    def submit(cell: Any, config: RunConfig) -> ray.ObjectRef:
+        labels = {"group": study_name, "config": {"study": study_name, "cell": cell.name, "grid": cell.values}}
+        return task.remote(config.model_dump(mode="json"), labels, cell.name, cpus)
+
+    pending = {submit(cell, config): (cell, config, 1) for cell, config in cells}
+    while pending:
+        (done,), _ = ray.wait(list(pending), num_returns=1)
+        cell, config, attempt = pending.pop(done)
+        try:
+            summary, files, wall = ray.get(done)
+        except RayError as err:
+            error = _error(err)
+            if attempt <= spec.retries:
+                tqdm.write(f"cell {cell.name} failed (attempt {attempt}): {error}; retrying")
+                pending[submit(cell, config)] = (cell, config, attempt + 1)
+            else:
+                yield CellOutcome(cell, attempt, error=error)
+            continue
+        yield CellOutcome(cell, attempt, summary, files, wall)
