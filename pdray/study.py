@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pdray.config import ConfigError, RunConfig, load_config
+from pdray.config import ConfigError, RunConfig, config_to_yaml, load_config
 
 METRICS = ("judge_agreement", "diversity", "colour_entropy_fraction", "saturation", "wall_time_s", "steps_per_s")
 """The study table's metric columns, read from each run's summary.json."""
@@ -148,12 +148,15 @@ def study_cells(spec: StudySpec) -> list[tuple[Cell, RunConfig]]:
 
 
 def is_finished(run_dir: Path, config: RunConfig) -> bool:
-    """A cell is finished when its summary.json is complete: all steps done and the evaluation recorded."""
+    """A cell is finished when its summary.json is complete (all steps done, the evaluation recorded) and its
+    config.yaml is this cell's config (a study resumed with other settings reruns the cells they change)."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
+        saved = (run_dir / "config.yaml").read_text()
     except (OSError, ValueError):
         return False
-    return summary.get("steps_done", -1) >= config.steps and "saturation" in summary
+    complete = summary.get("steps_done", -1) >= config.steps and "saturation" in summary
+    return complete and saved == config_to_yaml(config)
 
 
 def study_row(cell: Cell, summary: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
@@ -229,6 +232,7 @@ def run_study(spec: StudySpec, study_dir: Path, resume: bool = False) -> list[di
             rows[cell.name] = study_row(cell, summary, status="done", attempts=0, cell_wall_s=None, error="")
         else:
             todo.append((cell, config))
+    todo.sort(key=lambda item: item[1].seed)  # the first seed of every grid point first: a partial study spans the grid
     order = [cell.name for cell, _ in cells]
 
     def table() -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import torch
 from pdray.cli.main import app
 from typer.testing import CliRunner
 
-from pdray.config import ConfigError, load_config
+from pdray.config import ConfigError, load_config, save_config
 from pdray.evaluate import score_views
 from pdray.metrics import foreground_mask, foreground_saturation, hsv_saturation
 from pdray.study import StudySpec, cell_name, expand_grid, is_finished, parse_vary, split_values, study_cells
@@ -89,15 +89,17 @@ def test_bad_grids_fail_up_front_in_one_line(vary, message, tmp_path):
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
 
 
-def test_a_cell_is_finished_only_with_a_complete_summary(tmp_path):
+def test_a_cell_is_finished_only_with_a_complete_summary_and_its_own_config(tmp_path):
     config = load_config("image2d", ["steps=10"])
     assert not is_finished(tmp_path, config)
+    save_config(config, tmp_path / "config.yaml")
     (tmp_path / "summary.json").write_text("{")
     assert not is_finished(tmp_path, config)
     (tmp_path / "summary.json").write_text(json.dumps({"steps_done": 10}))
     assert not is_finished(tmp_path, config)
     (tmp_path / "summary.json").write_text(json.dumps({"steps_done": 10, "saturation": 0.3}))
     assert is_finished(tmp_path, config)
+    assert not is_finished(tmp_path, load_config("image2d", ["steps=10", "cfg=100"]))
 
 
 def test_series_average_over_seeds_with_min_max():
