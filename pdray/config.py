@@ -189,7 +189,7 @@ class RunConfig(Section):
     particle: Literal["nerf", "image"] = "nerf"
     """3D NeRF particles, or 2D image particles (the paper's 2D experiments)."""
     stages: list[Literal["nerf", "mesh"]] = ["nerf", "mesh"]
-    """Stages to run, in order: ["nerf", "mesh"] or ["nerf"] alone (`pdray export` meshes a finished run later)."""
+    """Stages to run, in order: ["nerf", "mesh"] or ["nerf"] alone (image particles: ["nerf"], their one stage)."""
     executor: Literal["local", "ray"] = "ray"
     """Where the work runs: Ray actors (a local Ray cluster unless ray.address is set), or one local process."""
     t_range: TRange = TRange(at_step=200)
@@ -229,7 +229,9 @@ class RunConfig(Section):
         if self.stages not in (["nerf"], ["nerf", "mesh"]):
             raise ValueError(f"stages must be [nerf] or [nerf, mesh], got {self.stages}")
         if "mesh" in self.stages and self.particle != "nerf":
-            raise ValueError("stages: the mesh stage needs NeRF particles (particle: nerf)")
+            if "stages" in self.model_fields_set:
+                raise ValueError("stages: the mesh stage needs NeRF particles (particle: nerf)")
+            self.__dict__["stages"] = ["nerf"]  # the default stages of image particles: no mesh to make
         return self
 
 

@@ -44,8 +44,14 @@ class Particle:
     optimizer: torch.optim.Optimizer
     has_cameras = True
 
-    def latents(self, cameras: Cameras, prior: DiffusionPrior, generator: torch.Generator | None = None):
-        """Latents [V, C, h, w] of the particle seen from cameras, with autograd kept."""
+    def latents(
+        self,
+        cameras: Cameras,
+        prior: DiffusionPrior,
+        generator: torch.Generator | None = None,
+        clock: dict[str, float] | None = None,
+    ):
+        """Latents [V, C, h, w] of the particle seen from cameras, with autograd kept (VAE seconds into clock)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -75,6 +81,15 @@ class Particle:
                     module.copy_(tensors[name])
 
 
+def timed_encode(prior: DiffusionPrior, images: torch.Tensor, clock: dict[str, float] | None) -> torch.Tensor:
+    """prior.encode, adding its seconds to clock["encode"] so a step's time splits into render and encode."""
+    started = time.perf_counter()
+    latents = prior.encode(images)
+    if clock is not None:
+        clock["encode"] = clock.get("encode", 0.0) + time.perf_counter() - started
+    return latents
+
+
 class ImageParticle(Particle):
     """The paper's 2D particle: a latent (decoded for viewing) or an RGB image (encoded each step)."""
 
@@ -91,11 +106,17 @@ class ImageParticle(Particle):
         self.value = torch.nn.Parameter(init.to(prior.device))
         self.optimizer = torch.optim.Adam([self.value], lr=config.image.lr)
 
-    def latents(self, cameras: Cameras, prior: DiffusionPrior, generator: torch.Generator | None = None):
+    def latents(
+        self,
+        cameras: Cameras,
+        prior: DiffusionPrior,
+        generator: torch.Generator | None = None,
+        clock: dict[str, float] | None = None,
+    ):
         n = len(cameras)
         if self.space == "latent":
             return self.value.expand(n, -1, -1, -1)
-        return prior.encode(self.value.clamp(0, 1).expand(n, -1, -1, -1))
+        return timed_encode(prior, self.value.clamp(0, 1).expand(n, -1, -1, -1), clock)
 
     @torch.no_grad()
     def images(self, cameras: Cameras, prior: DiffusionPrior) -> torch.Tensor:
@@ -148,9 +169,15 @@ class NeRFParticle(Particle):
         self._last = (out, dirs)
         return out
 
-    def latents(self, cameras: Cameras, prior: DiffusionPrior, generator: torch.Generator | None = None):
+    def latents(
+        self,
+        cameras: Cameras,
+        prior: DiffusionPrior,
+        generator: torch.Generator | None = None,
+        clock: dict[str, float] | None = None,
+    ):
         out = self.render(cameras, generator)
-        return prior.encode(out.rgb.permute(0, 3, 1, 2))
+        return timed_encode(prior, out.rgb.permute(0, 3, 1, 2), clock)
 
     @torch.no_grad()
     def images(self, cameras: Cameras, prior: DiffusionPrior, resolution: int | None = None) -> torch.Tensor:
@@ -198,11 +225,11 @@ class ParticleGroup:
         )
 
     def render(self, step: int) -> tuple[RenderOut, dict[str, float]]:
-        started = time.perf_counter()
+        started, clock = time.perf_counter(), {"encode": 0.0}
         latents, c2w, labels, owners = [], [], [], []
         for pid, particle in self.particles.items():
             cams = self.cameras(pid, step)
-            z = particle.latents(cams, self.prior, stream(self.config.seed, pid, step, 1))
+            z = particle.latents(cams, self.prior, stream(self.config.seed, pid, step, 1), clock)
             self._pending[pid] = z
             latents.append(z.detach().float().cpu())
             if particle.has_cameras:
@@ -213,7 +240,8 @@ class ParticleGroup:
                 labels += [None] * len(cams)
             owners += [pid] * len(cams)
         out = RenderOut(torch.cat(latents), torch.cat(c2w), labels, owners)
-        return out, {"time/render": time.perf_counter() - started}
+        elapsed = time.perf_counter() - started
+        return out, {"time/render": elapsed - clock["encode"], "time/encode": clock["encode"]}
 
     def apply(self, step: int, grads: torch.Tensor) -> dict[str, float]:
         """Backpropagate each particle's slice of grads [V_total, C, h, w] through its render and step it."""

@@ -5,7 +5,7 @@ set -euo pipefail
 out=${1:-$(mktemp -d)/gpu-check}
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-pdray run --executor ray --particles 8 --prompt "a cube" --steps 30 --wandb off \
+pdray run --executor ray --particles 8 --prompt "a cube" --steps 30 --stages nerf --wandb off \
   --set log_every=10 --set checkpoint_every=30 --out "$out"
 python3 - "$out/summary.json" <<'PY'
 import json, sys

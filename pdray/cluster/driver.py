@@ -119,7 +119,7 @@ class Driver:
         results = ray.get([score_stats, lora, *applies, *(o[1] for o in outs)])
         stats = {**results[0], **results[1]}
         per_actor = results[2:]
-        for key in ("time/backward", "time/render"):
+        for key in ("time/backward", "time/render", "time/encode"):
             values = [r[key] for r in per_actor if key in r]
             if values:
                 stats[key] = max(values)  # actors run in parallel: the slowest one sets the pace
