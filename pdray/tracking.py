@@ -82,6 +82,14 @@ class Tracker:
             self.wandb.finish()
 
 
+def flush_wandb() -> None:
+    """Put every W&B record of this process on disk by stopping W&B's service process (the next run restarts it):
+    ``finish()`` can return before an offline run's file is complete, which matters when the folder is then copied."""
+    import wandb
+
+    wandb.teardown()
+
+
 def _wandb_id(run_dir: Path) -> str:
     """A stable W&B id per run folder, so a resumed run continues the same W&B run."""
     import hashlib
@@ -133,7 +141,7 @@ def log_study(study_dir: Path, name: str, mode: str, meta: dict[str, Any], rows:
         reinit="finish_previous",
     )
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    table = wandb.Table(columns=[*columns, "particles"])
+    table = wandb.Table(columns=[*columns, "particle_sheet"])
     for row in rows:
         sheet = particle_sheet(study_dir / "runs" / row["cell"])
         table.add_data(*(row.get(c) for c in columns), wandb.Image(sheet) if sheet is not None else None)

@@ -163,7 +163,10 @@ def test_a_2x2_grid_of_tiny_runs_fills_the_study_and_resume_skips_finished_cells
     run = out / "runs" / "guidance=sds,particles=2,seed=0"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["particles"] == 2 and 0.0 <= summary["saturation"] <= 1.0
-    assert list((run / "wandb").glob("offline-run-*")) and list((out / "wandb").glob("offline-run-*"))
+    assert list((out / "wandb").glob("offline-run-*"))
+    for records in out.glob("runs/*/wandb/offline-run-*/run-*.wandb"):  # complete, not just W&B's 7-byte header
+        assert records.stat().st_size > 1000, records
+    assert len(list(out.glob("runs/*/wandb/offline-run-*/run-*.wandb"))) == 4
     assert (run / "particles" / "01" / "views.png").exists() and (run / "checkpoints" / "latest").exists()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}

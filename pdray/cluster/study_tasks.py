@@ -30,7 +30,7 @@ from pdray.cluster.driver import cluster_resources, connect
 from pdray.cluster.lifecycle import actor_runtime_env, actor_threads
 from pdray.cluster.mesh_tasks import _error
 from pdray.config import RunConfig
-from pdray.tracking import WandbLabels
+from pdray.tracking import WandbLabels, flush_wandb
 
 
 @ray.remote
@@ -44,7 +44,10 @@ def study_cell(
     torch.set_num_threads(actor_threads(num_cpus))
     with tempfile.TemporaryDirectory(prefix="pdray-study-") as tmp:
         run_dir = Path(tmp) / name
-        summary = run_local(RunConfig.model_validate(config), run_dir, labels=WandbLabels(**labels))
+        run_config = RunConfig.model_validate(config)
+        summary = run_local(run_config, run_dir, labels=WandbLabels(**labels))
+        if run_config.wandb != "off":
+            flush_wandb()
         files = {}
         for root, _, names in os.walk(run_dir):
             for file_name in names:
