@@ -57,3 +57,14 @@ def test_only_the_ray_layer_imports_ray():
         if "cluster" not in p.parts and ("import ray" in p.read_text() or "from ray" in p.read_text())
     ]
     assert offenders == []
+
+
+def test_every_bundle_fits_on_one_node():
+    # 2 pods x (32 CPUs, 4 GPUs) and a head without resources: 7 GPU actors must not ask 9 CPUs each (4 x 9 > 32).
+    two_pods = Resources(cpus=64, gpus=8, nodes=3, gpus_per_node=8 / 3, cpus_per_gpu=8, max_node_cpus=32)
+    p = plan_placement(two_pods, particles=64)
+    assert len(p.actors) == 7 and p.actor_cpus == 8 and p.score_gpus == 1 and p.strategy == "SPREAD"
+    assert 4 * p.actor_cpus <= 32 and p.score_cpus + 3 * p.actor_cpus <= 32
+    # CPU-only, 3 nodes x 4 CPUs: the ScoreActor gets one node, not half of all CPUs (6 fit on no node).
+    p = plan_placement(Resources(cpus=12, nodes=3, max_node_cpus=4), particles=3)
+    assert p.score_cpus == 4 and p.actor_cpus == 2 and len(p.actors) == 3

@@ -41,11 +41,15 @@ LOST = (RayActorError, LostStateError)  # an actor process died (and may be rest
 
 
 def connect(config: RunConfig) -> None:
-    """Join the configured cluster, reuse an initialised one, or start a local one (dashboard on loopback)."""
+    """Join the configured cluster, reuse an initialised one, join the cluster running this process as a Ray job
+    (RAY_ADDRESS, set by the job supervisor: `pdray submit`), or start a local one (dashboard on loopback)."""
     if ray.is_initialized():
         return
     if config.ray.address:
         ray.init(address=config.ray.address)
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
         return
     temp = Path(tempfile.gettempdir()) / f"pdray-ray-{os.getuid()}"
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(temp))
@@ -53,10 +57,16 @@ def connect(config: RunConfig) -> None:
 
 def cluster_resources() -> Resources:
     total = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     gpus = float(total.get("GPU", 0.0))
+    per_gpu = [n.get("CPU", 0.0) / n["GPU"] for n in nodes if n.get("GPU")]
     return Resources(
-        cpus=float(total.get("CPU", 0.0)), gpus=gpus, nodes=max(1, len(nodes)), gpus_per_node=gpus / max(1, len(nodes))
+        cpus=float(total.get("CPU", 0.0)),
+        gpus=gpus,
+        nodes=max(1, len(nodes)),
+        gpus_per_node=gpus / max(1, len(nodes)),
+        cpus_per_gpu=min(per_gpu, default=0.0),
+        max_node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
     )
 
 
@@ -103,11 +113,18 @@ class Driver:
             for i, ids in enumerate(self.placement.actors)
         ]
         self.recoveries = 0
+        self.locations: dict = {}
 
     def wait_ready(self) -> float:
-        """Block until every actor has finished __init__ (imports, prior loaded); returns the seconds waited."""
+        """Block until every actor has finished __init__ (imports, prior loaded); print which node each runs on
+        (stored in the summary's placement); returns the seconds waited."""
         started = time.perf_counter()
-        ray.get([a.pid.remote() for a in [self.score, *self.actors]])
+        score, *actors = ray.get([a.location.remote() for a in [self.score, *self.actors]])
+        self.locations = {"score": score, "actors": actors}
+        lines = [f"  ScoreActor on node {score['node_id']} ({score['ip']}, pid {score['pid']})"]
+        for ids, where in zip(self.placement.actors, actors, strict=True):
+            lines.append(f"  particles {ids} on node {where['node_id']} ({where['ip']}, pid {where['pid']})")
+        print("actor nodes:\n" + "\n".join(lines), flush=True)
         return time.perf_counter() - started
 
     def step(self, step: int) -> dict[str, float]:
@@ -235,7 +252,8 @@ def run_ray(config: RunConfig, run_dir: Path, resume: bool = False) -> dict[str,
         summary |= driver.recovering("evaluation", lambda: evaluate_particles(config, group, run_dir))
         views = eval_cameras(config, 4 if config.particle == "nerf" else 1)
         tracker.log_particles(config.steps, driver.recovering("evaluation", lambda: group.images(views)))
-        summary |= {"recoveries": driver.recoveries, "placement": driver.placement.as_dict(), "startup_s": startup}
+        placement = driver.placement.as_dict() | {"nodes": driver.locations}
+        summary |= {"recoveries": driver.recoveries, "placement": placement, "startup_s": startup}
         tracker.summary(summary)
         tracker.finish()
         return summary

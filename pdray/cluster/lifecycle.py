@@ -37,6 +37,12 @@ def actor_runtime_env(num_cpus: float) -> dict:
     return {"env_vars": env}
 
 
+def actor_location() -> dict[str, str | int]:
+    """Where the calling actor runs: its Ray node id, that node's IP and its process id."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return {"node_id": node_id, "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+
 def start_actor(num_cpus: float) -> bool:
     """Call first in an actor's __init__: sizes torch's threads; True when Ray restarted this actor."""
     torch.set_num_threads(actor_threads(num_cpus))

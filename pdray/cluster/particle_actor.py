@@ -7,13 +7,11 @@ into it, so a process lost between two calls can never hand back untrained parti
 
 from __future__ import annotations
 
-import os
-
 import ray
 import torch
 
 from pdray.cameras import Cameras
-from pdray.cluster.lifecycle import LostStateError, start_actor
+from pdray.cluster.lifecycle import LostStateError, actor_location, start_actor
 from pdray.cluster.memory import peak_memory
 from pdray.config import RunConfig
 from pdray.particle import ParticleGroup, RenderOut
@@ -32,8 +30,8 @@ class ParticleActor:
         if self.lost_state:
             raise LostStateError(f"particles {self.group.particle_ids} were restarted and await a checkpoint")
 
-    def pid(self) -> int:
-        return os.getpid()
+    def location(self) -> dict[str, str | int]:
+        return actor_location()
 
     def memory(self) -> dict[str, float]:
         return peak_memory()

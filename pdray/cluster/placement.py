@@ -5,11 +5,14 @@ A pure function of its inputs, so every decision is testable without a cluster. 
   CPU pair on CPU-only clusters, never more than the particles);
 - with at least 2 GPUs the ScoreActor gets a GPU of its own; with one GPU everything shares it (fractions);
 - on CPU-only clusters the CPUs are split between the ScoreActor and the particle actors;
-- particle actors are SPREAD over nodes; the placement group is STRICT_PACK only on one node.
+- particle actors are SPREAD over nodes; the placement group is PACK on one node;
+- on several nodes every bundle must fit on one node: a GPU actor asks for no more CPUs than its node has per
+  GPU, and a CPU-only ScoreActor for no more than the largest node.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -21,6 +24,10 @@ class Resources:
     gpus: float = 0.0
     nodes: int = 1
     gpus_per_node: float = 0.0
+    cpus_per_gpu: float = 0.0
+    """The fewest CPUs per GPU on any GPU node (0: unknown): a GPU actor's CPUs must fit beside its GPU."""
+    max_node_cpus: float = 0.0
+    """The most CPUs on one node (0: unknown): a CPU-only ScoreActor's bundle must fit on one node."""
 
 
 @dataclass
@@ -78,9 +85,15 @@ def plan_placement(
             raise ValueError(f"a CPU-only cluster needs at least 2 CPUs (one for the ScoreActor), has {cpus:g}")
         score_gpus, per_gpu = 0.0, 0.0
         score_cpus = float(max(1, int(cpus // 2)))
+        if resources.max_node_cpus:  # one bundle cannot span nodes
+            score_cpus = min(score_cpus, float(int(resources.max_node_cpus)))
         n = actors or max(1, min(particles, int(cpus - score_cpus)))
         per_cpu = (cpus - score_cpus) / min(n, particles)
+        if resources.nodes > 1:  # whole CPUs pack into the nodes' leftovers
+            per_cpu = max(1.0, float(math.floor(per_cpu)))
     n = min(n, particles)
+    if per_gpu and resources.cpus_per_gpu:  # a node's GPU bundles must not ask for more CPUs than it has
+        per_cpu = max(1.0, min(per_cpu, float(math.floor(resources.cpus_per_gpu * per_gpu))))
     if per_gpu * n + score_gpus > gpus + 1e-9:
         raise ValueError(f"{n} actors x {per_gpu} GPU + ScoreActor {score_gpus} GPU exceed the cluster's {gpus} GPUs")
     bundles = [{"CPU": score_cpus, **({"GPU": score_gpus} if score_gpus else {})}]

@@ -9,12 +9,10 @@ A restarted ScoreActor raises LostStateError until the driver restores the LoRA 
 
 from __future__ import annotations
 
-import os
-
 import ray
 import torch
 
-from pdray.cluster.lifecycle import LostStateError, start_actor
+from pdray.cluster.lifecycle import LostStateError, actor_location, start_actor
 from pdray.cluster.memory import peak_memory
 from pdray.config import RunConfig
 from pdray.particle import RenderOut
@@ -34,8 +32,8 @@ class ScoreActor:
         if self.lost_state:
             raise LostStateError("the ScoreActor was restarted and awaits a checkpoint")
 
-    def pid(self) -> int:
-        return os.getpid()
+    def location(self) -> dict[str, str | int]:
+        return actor_location()
 
     def memory(self) -> dict[str, float]:
         return peak_memory()
