@@ -45,10 +45,6 @@ def clean_errors(command):
     return wrapper
 
 
-def not_yet(name: str) -> None:
-    fail(f"`pdray {name}` is not yet available in this version")
-
-
 @app.command()
 def doctor() -> None:
     """Versions, CUDA devices, the backend each piece would use, and whether the default prior is present."""
@@ -291,10 +287,10 @@ def export(
     _mesh(run_config, run_dir, [particle] if particle is not None else list(range(run_config.particles)))
 
 
-@app.command()
-def submit() -> None:
-    """Submit `pdray run ...` to a Ray cluster as a Ray job."""
-    not_yet("submit")
+from pdray.cli.jobs import jobs_app, submit  # noqa: E402  (the commands live in their own module)
+
+app.command()(submit)
+app.add_typer(jobs_app, name="jobs")
 
 
 from pdray.cli.study import study  # noqa: E402  (the command lives in its own module)

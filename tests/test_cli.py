@@ -7,7 +7,7 @@ runner = CliRunner()
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("doctor", "sample", "run", "resume", "export", "submit", "study", "prior"):
+    for command in ("doctor", "sample", "run", "resume", "export", "submit", "jobs", "study", "prior"):
         assert command in result.output
 
 
@@ -51,12 +51,6 @@ def test_sample_with_a_missing_model_is_one_clear_line(tmp_path):
     assert result.exit_code == 2
     assert "could not load diffusion model 'missing-org/missing-model'" in result.output
     assert "Traceback" not in result.output
-
-
-def test_commands_not_yet_built_say_so():
-    for command in ("submit",):
-        result = runner.invoke(app, [command])
-        assert result.exit_code == 2 and "not yet available" in result.output
 
 
 def test_pdray_run_end_to_end_on_the_tiny_prior(tiny_model, tmp_path):
