@@ -17,6 +17,7 @@ import itertools
 import json
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,10 +227,21 @@ def run_study(spec: StudySpec, study_dir: Path, resume: bool = False) -> list[di
     }
     rows: dict[str, dict[str, Any]] = {}
     todo = []
+    before = {}  # a finished cell keeps its row (attempts, cell wall time) from the study it finished in
+    if resume and (study_dir / "study.json").exists():
+        before = {row["cell"]: row for row in json.loads((study_dir / "study.json").read_text())["cells"]}
     for cell, config in cells:
         if resume and is_finished(runs / cell.name, config):
             summary = json.loads((runs / cell.name / "summary.json").read_text())
-            rows[cell.name] = study_row(cell, summary, status="done", attempts=0, cell_wall_s=None, error="")
+            old = before.get(cell.name, {})
+            rows[cell.name] = study_row(
+                cell,
+                summary,
+                status="done",
+                attempts=old.get("attempts", 0),
+                cell_wall_s=old.get("cell_wall_s"),
+                error="",
+            )
         else:
             todo.append((cell, config))
     todo.sort(key=lambda item: item[1].seed)  # the first seed of every grid point first: a partial study spans the grid
@@ -240,6 +252,7 @@ def run_study(spec: StudySpec, study_dir: Path, resume: bool = False) -> list[di
 
     if rows:
         print(f"resume: {len(rows)} of {len(cells)} cells already finished, skipped", flush=True)
+    started = time.perf_counter()
     with tqdm(total=len(cells), initial=len(rows), desc=f"study {name}", unit="run") as bar:
         for outcome in run_cells(todo, spec, study_name=name):
             if outcome.error is None:
@@ -258,6 +271,7 @@ def run_study(spec: StudySpec, study_dir: Path, resume: bool = False) -> list[di
             )
             write_table(study_dir, meta, table())
             bar.update(1)
+    meta["wall_time_s"] = time.perf_counter() - started  # of this invocation (a resumed study: its second part)
     write_table(study_dir, meta, table())
     figures = write_figures(study_dir, table(), [a.key for a in spec.axes])
     write_report(study_dir, meta, table(), figures)

@@ -166,7 +166,8 @@ def write_report(study_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any
         "",
         f"Prompt {meta['prompt']!r}, config `{meta['config']}`"
         + (f" with `{' '.join('--set ' + s for s in meta['sets'])}`" if meta["sets"] else "")
-        + f", `{vary}`, {meta['seeds']} seed(s): {len(rows)} runs, {len(failed)} failed.",
+        + f", `{vary}`, {meta['seeds']} seed(s): {len(rows)} runs, {len(failed)} failed"
+        + (f", {meta['wall_time_s'] / 60:.1f} min of wall time." if "wall_time_s" in meta else "."),
         "",
         "Fidelity is the toy judge's agreement with the prompt; diversity the mean pairwise distance of the judge's",
         "features of the particles (RGB without a judge); colour_entropy_fraction the entropy of the particles'",
