@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -206,6 +207,7 @@ def token_head():
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         stop_nodes(temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -298,8 +300,9 @@ def test_two_nodes_get_particle_actors_and_the_score_actor_its_own_gpu(tmp_path)
         )
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     finally:
-        stop_nodes(temp_worker)
-        stop_nodes(temp_head)
+        for temp in (temp_worker, temp_head):
+            stop_nodes(temp)
+            shutil.rmtree(temp, ignore_errors=True)
     placement = json.loads((out / "summary.json").read_text())["placement"]
     nodes = placement["nodes"]
     particle_nodes = {a["node_id"] for a in nodes["actors"]}
