@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -142,8 +143,9 @@ def start_node(temp: Path, env: dict[str, str], *args: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def stop_nodes(temp: Path) -> None:
-    """Stop only the Ray processes of this temp dir (and their workers): never a global `ray stop`."""
+def stop_nodes(temp: Path, at_once: bool = False) -> int:
+    """Stop only the Ray processes of this temp dir (and their workers): never a global `ray stop`. at_once: SIGKILL
+    (a node that disappears) instead of SIGTERM first. Returns how many processes were stopped."""
     mine = {os.getpid(), os.getppid()}
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -155,11 +157,12 @@ def stop_nodes(temp: Path) -> None:
             procs |= {c.pid: c for c in root.children(recursive=True)}
     for proc in procs.values():
         with contextlib.suppress(psutil.Error):
-            proc.terminate()
+            proc.kill() if at_once else proc.terminate()
     _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
+    return len(procs)
 
 
 def pdray_cli(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
@@ -318,4 +321,63 @@ def test_two_nodes_get_particle_actors_and_the_score_actor_its_own_gpu(tmp_path)
             + "\n".join(printed)
             + "\n\nsummary.json placement:\n"
             + yaml.safe_dump(placement, sort_keys=False)
+        )
+
+
+@pytest.mark.slow
+def test_a_run_survives_the_loss_of_a_worker_node(tmp_path):
+    """Two raylets; the worker node's raylet and its workers are SIGKILLed mid-run. Its actors come back on the head
+    (which has room for every bundle), the driver restores the last checkpoint, and the job still SUCCEEDS."""
+    temp_head = Path(tempfile.mkdtemp(prefix="pdh", dir="/tmp"))
+    temp_worker = Path(tempfile.mkdtemp(prefix="pdw", dir="/tmp"))
+    env = ray_env(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    gcs, dashboard = free_port(), free_port()
+    out = tmp_path / "run"
+    try:
+        ip = "--node-ip-address=127.0.0.1"
+        start_node(
+            temp_head,
+            env,
+            "--head",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=4",
+            "--num-gpus=4",
+            ip,
+        )
+        start_node(temp_worker, env, f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--num-gpus=2", ip)
+        args = ["submit", "--address", f"http://127.0.0.1:{dashboard}", "--out", str(out), "--particles", "4"]
+        args += ["--actors", "2", *TINY_RUN, "--steps", "16", "--follow"]
+        log = (tmp_path / "submit.log").open("w+")  # a file, not a pipe: nothing blocks the CLI while we watch
+        job = subprocess.Popen([str(BIN / "pdray"), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        metrics, deadline = out / "metrics.jsonl", time.time() + 900
+        while time.time() < deadline and job.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        assert job.poll() is None, "the run ended before the worker node could be killed"
+        killed_at = len(metrics.read_text().splitlines())
+        assert stop_nodes(temp_worker, at_once=True) > 0
+        job.wait(timeout=1200)
+        stdout = (tmp_path / "submit.log").read_text()
+    finally:
+        for temp in (temp_worker, temp_head):
+            stop_nodes(temp)
+            shutil.rmtree(temp, ignore_errors=True)
+    assert job.returncode == 0, stdout[-6000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == 16 and summary["recoveries"] >= 1, summary
+    nodes = summary["placement"]["nodes"]
+    assert len({a["node_id"] for a in [nodes["score"], *nodes["actors"]]}) == 2, "both nodes held actors at start"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 16 and set(steps) == set(range(1, 17))
+    starts = ("placement:", "actor nodes:", "  ScoreActor on node", "  particles [", "job ")
+    printed = [line for line in stdout.splitlines() if line.startswith(starts) or "an actor was lost" in line]
+    if os.environ.get("PDRAY_NODE_LOSS_EVIDENCE"):
+        Path(os.environ["PDRAY_NODE_LOSS_EVIDENCE"]).write_text(
+            "Head (4 CPUs, 4 logical GPUs) + worker raylet (2 CPUs, 2 logical GPUs) on one machine; `pdray submit\n"
+            "--particles 4 --actors 2 --steps 16 --follow`; the worker node's raylet and workers SIGKILLed after\n"
+            f"{killed_at} of 16 metric lines (tests/test_submit.py::test_a_run_survives_the_loss_of_a_worker_node).\n\n"
+            + "\n".join(printed)
+            + f"\n\nrecoveries: {summary['recoveries']}; steps in metrics.jsonl: {steps}\n"
         )
