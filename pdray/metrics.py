@@ -3,7 +3,8 @@
 Over-saturation is the symptom ProlificDreamer attributes to SDS at a large CFG (their Fig. 3): colours pushed to
 their extremes. It is measured here as the mean HSV saturation of foreground pixels, the background being the
 median colour of the image's one-pixel border (white in the toy world, whatever a learned background became
-otherwise), so a tinted background does not count as a saturated object.
+otherwise), so a tinted background does not count as a saturated object. HSV saturation, (max - min) / max, is
+high for dark, muddy colours too (brown (0.5, 0.3, 0.1) reads 0.8): read it beside the images.
 """
 
 from __future__ import annotations
