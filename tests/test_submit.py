@@ -266,6 +266,32 @@ def test_a_missing_or_wrong_token_and_a_wrong_address_are_one_clear_line(token_h
 
 
 @pytest.mark.slow
+def test_a_stopped_job_checkpoints_first(token_head, tmp_path):
+    """`pdray jobs stop`: SIGTERM reaches `pdray run`, which saves a checkpoint within the grace period pdray sets
+    (Ray's own default of 3 s before SIGKILL is too short for that), so `pdray resume OUT` can go on."""
+    out = tmp_path / "run"
+    client = ray_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, HF_HUB_OFFLINE="1")
+    args = ["submit", "--address", token_head, "--out", str(out), "--particles", "2", *TINY_RUN, "--steps", "500"]
+    done = pdray_cli(*args, env=client)
+    assert done.returncode == 0, done.stderr[-3000:]
+    job_id = done.stdout.strip().splitlines()[-1]
+    metrics, deadline = out / "metrics.jsonl", time.time() + 600
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    stop = pdray_cli("jobs", "stop", job_id, "--address", token_head, env=client, timeout=120)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout, stop.stdout + stop.stderr
+    status = ""
+    while time.time() < deadline and not status.startswith(submit.TERMINAL):
+        status = pdray_cli("jobs", "status", job_id, "--address", token_head, env=client, timeout=120).stdout
+        time.sleep(1)
+    assert status.startswith("STOPPED"), status
+    logs = pdray_cli("jobs", "logs", job_id, "--address", token_head, env=client, timeout=120).stdout
+    assert "checkpoint saved; continue with `pdray resume" in logs, logs[-3000:]
+    step = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())["step"]
+    assert 3 <= step < 500
+
+
+@pytest.mark.slow
 def test_the_working_copy_travels_to_the_job(token_head, tmp_path):
     """--working-dir ships this checkout: the job's python imports pdray (and its CLI) from the shipped copy."""
     os.environ["RAY_AUTH_MODE"], os.environ["RAY_AUTH_TOKEN"] = "token", TOKEN

@@ -15,7 +15,9 @@ final evaluation, or between two calls (a restarted actor refuses work until it 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,17 +44,22 @@ LOST = (RayActorError, LostStateError)  # an actor process died (and may be rest
 
 def connect(config: RunConfig) -> None:
     """Join the configured cluster, reuse an initialised one, join the cluster running this process as a Ray job
-    (RAY_ADDRESS, set by the job supervisor: `pdray submit`), or start a local one (dashboard on loopback)."""
+    (RAY_ADDRESS, set by the job supervisor: `pdray submit`), or start a local one (dashboard on loopback).
+
+    ray.init replaces the SIGTERM handler with a plain exit; the caller's (`pdray run`: checkpoint, then exit) is
+    put back, so `pdray jobs stop` and a Kubernetes pod's SIGTERM still leave a checkpoint."""
     if ray.is_initialized():
         return
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if config.ray.address:
         ray.init(address=config.ray.address)
-        return
-    if os.environ.get("RAY_ADDRESS"):
+    elif os.environ.get("RAY_ADDRESS"):
         ray.init()
-        return
-    temp = Path(tempfile.gettempdir()) / f"pdray-ray-{os.getuid()}"
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(temp))
+    else:
+        temp = Path(tempfile.gettempdir()) / f"pdray-ray-{os.getuid()}"
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(temp))
+    if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def cluster_resources() -> Resources:
