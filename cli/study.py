@@ -33,8 +33,6 @@ def study(
     resume: Annotated[bool, typer.Option("--resume", help="Skip cells whose run already finished.")] = False,
 ) -> None:
     """Run a grid of runs (e.g. guidance x cfg x particles x seeds) on Ray and write the diversity study."""
-    import torch
-
     from pdray.config import ConfigError
     from pdray.study import StudySpec, parse_vary, run_study
 
@@ -51,8 +49,11 @@ def study(
         cpus_per_cell=cpus_per_cell,
         gpus_per_cell=gpus_per_cell,
     )
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = run_study(spec, out, resume=resume)
+    try:
+        rows = run_study(spec, out, resume=resume)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: finished cells are kept in {out / 'runs'}; continue with --resume", err=True)
+        raise typer.Exit(code=130) from None
     failed = [r["cell"] for r in rows if r["status"] != "done"]
     typer.echo(f"study folder: {out} ({len(rows) - len(failed)} of {len(rows)} runs done; report: {out / 'report.md'})")
     if failed:
