@@ -121,26 +121,31 @@ def ray_env(**extra: str) -> dict[str, str]:
 
 
 def start_node(temp: Path, env: dict[str, str], *args: str) -> None:
-    """`ray start` with every port of its own (other clusters may run on this machine) and a short temp dir."""
-    ports = [free_port() for _ in range(7)]
-    low = 20000 + (ports[0] % 400) * 100  # a private range of worker ports
-    command = [
-        str(BIN / "ray"),
-        "start",
-        *args,
-        f"--temp-dir={temp}",
-        f"--node-manager-port={ports[0]}",
-        f"--object-manager-port={ports[1]}",
-        f"--dashboard-agent-listen-port={ports[2]}",
-        f"--dashboard-agent-grpc-port={ports[3]}",
-        f"--metrics-export-port={ports[4]}",
-        f"--runtime-env-agent-port={ports[5]}",
-        f"--min-worker-port={low}",
-        f"--max-worker-port={low + 99}",
-        "--disable-usage-stats",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    """`ray start` with every port of its own (other clusters may run on this machine) and a short temp dir; tried
+    twice, with fresh ports, because a port found free can be taken by another process before Ray binds it."""
+    for _attempt in range(2):
+        ports = [free_port() for _ in range(6)]
+        low = 10000 + (ports[0] % 200) * 100  # worker ports below Linux's ephemeral range (32768 and up)
+        command = [
+            str(BIN / "ray"),
+            "start",
+            *args,
+            f"--temp-dir={temp}",
+            f"--node-manager-port={ports[0]}",
+            f"--object-manager-port={ports[1]}",
+            f"--dashboard-agent-listen-port={ports[2]}",
+            f"--dashboard-agent-grpc-port={ports[3]}",
+            f"--metrics-export-port={ports[4]}",
+            f"--runtime-env-agent-port={ports[5]}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={low + 99}",
+            "--disable-usage-stats",
+        ]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            return
+        stop_nodes(temp)
+    raise AssertionError(f"ray start failed twice: {done.stderr[-3000:]} {done.stdout[-3000:]}")
 
 
 def stop_nodes(temp: Path, at_once: bool = False) -> int:
