@@ -1,6 +1,7 @@
 """`pdray submit` and `pdray jobs`: token lookup, the job's files and runtime_env, one-line errors (fast); then
-real Ray clusters started by `ray start` on this machine (slow): a token-authenticated head that runs a submitted
-job to SUCCEEDED, and two raylets whose particle actors must land on both nodes."""
+real Ray clusters started by `ray start` on this machine: a token-authenticated head that runs a submitted job to
+SUCCEEDED and refuses wrong tokens and addresses (in CI), then (slow) a stopped job, the shipped working copy, and two
+raylets whose particle actors must land on both nodes."""
 
 from __future__ import annotations
 
@@ -218,7 +219,6 @@ def token_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.slow
 def test_a_submitted_run_succeeds_and_fills_the_run_folder(token_head, tmp_path):
     out = tmp_path / "run"
     client = ray_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, HF_HUB_OFFLINE="1")
@@ -252,7 +252,6 @@ def test_a_submitted_run_succeeds_and_fills_the_run_folder(token_head, tmp_path)
     assert stop.returncode == 0 and "already ended" in stop.stdout
 
 
-@pytest.mark.slow
 def test_a_missing_or_wrong_token_and_a_wrong_address_are_one_clear_line(token_head, tmp_path):
     args = ["submit", "--address", token_head, "--out", str(tmp_path / "run"), "--particles", "2"]
     cases = {
