@@ -1,4 +1,5 @@
-"""How pdray's actors start: their process environment, their torch threads, and how a restarted one is told apart.
+"""How pdray's actors start: their process environment, their torch threads, how a restarted one is told apart, and
+how a failed task is described.
 
 Ray starts worker processes at niceness 15 (``RAY_worker_niceness``) so that its own daemons stay responsive.
 Against any busy process at niceness 0 (an evaluation, a second job, the driver) that leaves an actor about 3%
@@ -14,6 +15,7 @@ import warnings
 
 import ray
 import torch
+from ray.exceptions import RayError, RayTaskError
 
 NICENESS = "RAY_worker_niceness"  # read by every Ray worker process at start; Ray's default is 15
 
@@ -49,3 +51,10 @@ def start_actor(num_cpus: float) -> bool:
     with warnings.catch_warnings():  # Ray 2.60's own property reads its deprecated ``actor_id``
         warnings.simplefilter("ignore", DeprecationWarning)
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+def describe_task_error(err: RayError) -> str:
+    """One line for a summary: a failed task's own exception, or what happened to its worker."""
+    cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
+    first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{cause.__class__.__name__}: {first_line}"

@@ -20,12 +20,12 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import RayError
 from tqdm.auto import tqdm
 
 from pdray.checkpoint import load_particle_tensors
 from pdray.cluster.driver import cluster_resources, connect
-from pdray.cluster.lifecycle import actor_runtime_env, actor_threads
+from pdray.cluster.lifecycle import actor_runtime_env, actor_threads, describe_task_error
 from pdray.cluster.placement import Resources
 from pdray.config import RunConfig
 from pdray.mesh_stage import mesh_folder, mesh_summary, record_mesh_summary, run_mesh_stage, write_files
@@ -49,13 +49,6 @@ def task_resources(resources: Resources, config: RunConfig, n_tasks: int) -> tup
     if config.mesh.cpus_per_task is not None:
         return config.mesh.cpus_per_task, 0.0
     return max(1.0, float(int(resources.cpus // max(1, n_tasks)))), 0.0
-
-
-def _error(err: RayError) -> str:
-    """One line for summary.json: the stage's own exception, or what happened to the worker."""
-    cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
-    first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-    return f"{cause.__class__.__name__}: {first_line}"
 
 
 def run_mesh_ray(config: RunConfig, run_dir: Path, particle_ids: list[int]) -> dict[str, Any]:
@@ -86,7 +79,7 @@ def run_mesh_ray(config: RunConfig, run_dir: Path, particle_ids: list[int]) -> d
                 write_files(folder, files)
                 results[pid] = result | {"folder": str(folder)}
             except RayError as err:
-                failed[pid] = _error(err)
+                failed[pid] = describe_task_error(err)
                 tqdm.write(f"mesh stage of particle {pid} failed: {failed[pid]}")
             bar.update(1)
     summary = mesh_summary(config, "ray", results, failed, time.perf_counter() - started)

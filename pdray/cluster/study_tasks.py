@@ -27,8 +27,7 @@ from ray.exceptions import RayError
 from tqdm.auto import tqdm
 
 from pdray.cluster.driver import cluster_resources, connect
-from pdray.cluster.lifecycle import actor_runtime_env, actor_threads
-from pdray.cluster.mesh_tasks import _error
+from pdray.cluster.lifecycle import actor_runtime_env, actor_threads, describe_task_error
 from pdray.config import RunConfig
 from pdray.tracking import WandbLabels, flush_wandb
 
@@ -99,7 +98,7 @@ def run_cells(cells: list[tuple[Any, RunConfig]], spec: Any, study_name: str) ->
         try:
             summary, files, wall = ray.get(done)
         except RayError as err:
-            error = _error(err)
+            error = describe_task_error(err)
             if attempt <= spec.retries:
                 tqdm.write(f"cell {cell.name} failed (attempt {attempt}): {error}; retrying")
                 pending[submit(cell, config)] = (cell, config, attempt + 1)
