@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pdray.cli import options
 
 jobs_app = typer.Typer(help="Follow, inspect and stop jobs sent by `pdray submit`.", no_args_is_help=True)
 
@@ -53,18 +54,18 @@ def submit(
         str, typer.Option(help="Run folder on the cluster: an absolute path its nodes can write (a shared filesystem).")
     ],
     address: Address = None,
-    prompt: Annotated[str | None, typer.Option(help="Text prompt.")] = None,
-    particles: Annotated[int | None, typer.Option(help="Number of particles (3D assets).")] = None,
+    prompt: options.Prompt = None,
+    particles: options.Particles = None,
     config: Annotated[str, typer.Option("--config", help="Preset name or YAML path (read here).")] = "default",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a knob: --set lora.rank=8.")] = None,
-    guidance: Annotated[str | None, typer.Option(help="vsd or sds.")] = None,
-    cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimisation steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    stages: Annotated[str | None, typer.Option(help="Comma-separated stages to run: nerf or nerf,mesh.")] = None,
+    set_: options.SetOverrides = None,
+    guidance: options.Guidance = None,
+    cfg: options.Cfg = None,
+    steps: options.Steps = None,
+    seed: options.Seed = None,
+    stages: options.Stages = None,
     executor: Annotated[str | None, typer.Option(help="ray (actors on the cluster) or local (one process).")] = None,
     wandb: Annotated[str | None, typer.Option(help="offline, online (WANDB_API_KEY on the cluster) or off.")] = None,
-    actors: Annotated[int | None, typer.Option(help="Particle actors (default: from placement).")] = None,
+    actors: options.Actors = None,
     working_dir: Annotated[
         Path | None, typer.Option(help="Ship this pdray checkout; its code replaces the cluster's pdray.")
     ] = None,
@@ -75,22 +76,22 @@ def submit(
 ) -> None:
     """Submit `pdray run ...` to a Ray cluster as a Ray job; prints the job id."""
     from pdray.cluster import submit as jobs_api
-    from pdray.config import load_config
 
     run_out = jobs_api.check_out(out)
-    overrides = [*(set_ or []), *([f"ray.actors={actors}"] if actors is not None else [])]
-    extra = {
-        "prompt": prompt,
-        "particles": particles,
-        "guidance": guidance,
-        "cfg": cfg,
-        "steps": steps,
-        "seed": seed,
-        "executor": executor,
-        "wandb": wandb,
-        "stages": stages.split(",") if stages else None,
-    }
-    run_config = load_config(config, overrides, extra)
+    run_config = options.run_config(
+        config,
+        set_,
+        prompt=prompt,
+        particles=particles,
+        guidance=guidance,
+        cfg=cfg,
+        steps=steps,
+        seed=seed,
+        stages=stages,
+        executor=executor,
+        wandb=wandb,
+        actors=actors,
+    )
     user_env = jobs_api.read_runtime_env(runtime_env) if runtime_env else None
     jobs = jobs_api.Jobs(address)
     with tempfile.TemporaryDirectory(prefix="pdray-job-") as scratch:

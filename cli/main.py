@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pdray.cli import options
 
 app = typer.Typer(
     help="pdray: diverse text-to-3D with Variational Score Distillation, scaled out with Ray.",
@@ -161,36 +162,37 @@ def default_run_dir(prompt: str) -> Path:
 @app.command()
 @clean_errors
 def run(
-    prompt: Annotated[str | None, typer.Option(help="Text prompt.")] = None,
-    particles: Annotated[int | None, typer.Option(help="Number of particles (3D assets).")] = None,
+    prompt: options.Prompt = None,
+    particles: options.Particles = None,
     config: Annotated[str, typer.Option("--config", help="Preset name or YAML path.")] = "default",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a knob: --set lora.rank=8.")] = None,
-    guidance: Annotated[str | None, typer.Option(help="vsd or sds.")] = None,
-    cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimisation steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    stages: Annotated[str | None, typer.Option(help="Comma-separated stages to run: nerf or nerf,mesh.")] = None,
+    set_: options.SetOverrides = None,
+    guidance: options.Guidance = None,
+    cfg: options.Cfg = None,
+    steps: options.Steps = None,
+    seed: options.Seed = None,
+    stages: options.Stages = None,
     executor: Annotated[str | None, typer.Option(help="local (one process) or ray.")] = None,
     wandb: Annotated[str | None, typer.Option(help="offline, online or off.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
-    actors: Annotated[int | None, typer.Option(help="Particle actors (default: from placement).")] = None,
+    actors: options.Actors = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<date>-<time>-<prompt>).")] = None,
 ) -> None:
     """Distil a prompt into N diverse 3D particles (NeRF, then meshes) and fill a run folder."""
-    from pdray.config import load_config
-
-    extra = {
-        "prompt": prompt,
-        "particles": particles,
-        "guidance": guidance,
-        "cfg": cfg,
-        "steps": steps,
-        "seed": seed,
-        "executor": executor,
-        "wandb": wandb,
-        "stages": stages.split(",") if stages else None,
-    }
-    run_config = load_config(config, set_, extra)
+    run_config = options.run_config(
+        config,
+        set_,
+        prompt=prompt,
+        particles=particles,
+        guidance=guidance,
+        cfg=cfg,
+        steps=steps,
+        seed=seed,
+        stages=stages,
+        executor=executor,
+        wandb=wandb,
+        address=address,
+        actors=actors,
+    )
     run_dir = out or default_run_dir(run_config.prompt)
     if (run_dir / "checkpoints").exists():
         fail(f"{run_dir} already holds a run; continue it with `pdray resume {run_dir}` or choose another --out")

@@ -100,3 +100,12 @@ def test_run_rejects_bad_input_in_one_line(tmp_path):
     assert result.exit_code == 2 and "lora.rank: Input should be greater than or equal to 1" in result.output
     result = runner.invoke(app, ["run", "--guidance", "vds", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "guidance: Input should be 'vsd' or 'sds'" in result.output
+
+
+def test_run_and_submit_options_reach_the_config():
+    from pdray.cli.options import run_config
+
+    config = run_config("default", ["lora.rank=8"], prompt="a red mug", stages="nerf", actors=2, address="auto")
+    assert (config.prompt, config.stages, config.lora.rank) == ("a red mug", ["nerf"], 8)
+    assert (config.ray.actors, config.ray.address) == (2, "auto")
+    assert run_config("default", None).ray.actors is None
