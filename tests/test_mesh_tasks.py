@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import trimesh
@@ -25,7 +24,7 @@ def test_task_resources_take_a_gpu_each_or_share_the_cpus() -> None:
 
 
 @pytest.mark.slow
-def test_one_particle_meshes_as_a_ray_task_and_failed_ones_are_reported(tiny_model, tmp_path, tmp_path_factory):
+def test_one_particle_meshes_as_a_ray_task_and_failed_ones_are_reported(local_ray, tiny_model, tmp_path):
     from pdray.checkpoint import load_checkpoint, save_checkpoint
     from pdray.cluster.mesh_tasks import run_mesh_ray
     from pdray.local_executor import run_local
@@ -52,18 +51,7 @@ def test_one_particle_meshes_as_a_ray_task_and_failed_ones_are_reported(tiny_mod
     info, tensors = load_checkpoint(tmp_path)
     tensors["particles"]["0001.field.mlp.2.bias"][0] = -1e3  # particle 1 has no density anywhere: no surface
     save_checkpoint(tmp_path, info.pop("step"), tensors, info)
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-    )
-    try:
-        summary = run_mesh_ray(config, tmp_path, [0, 1, 5])  # the run has no particle 5
-    finally:
-        ray.shutdown()
+    summary = run_mesh_ray(config, tmp_path, [0, 1, 5])  # the run has no particle 5
     assert list(summary["particles"]) == ["0"] and list(summary["failed"]) == ["1", "5"]
     assert summary["failed"]["1"].startswith("MeshStageError: particle 1: no surface at mesh.threshold=2")
     assert "holds no state for particle 5" in summary["failed"]["5"]

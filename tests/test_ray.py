@@ -22,20 +22,6 @@ pytestmark = pytest.mark.slow
 STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-    )
-    yield
-    ray.shutdown()
-
-
 def ray_config(model, *overrides):
     return load_config(
         "default",
@@ -56,7 +42,7 @@ def ray_config(model, *overrides):
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, tiny_model, tmp_path_factory):
+def reference(local_ray, tiny_model, tmp_path_factory):
     """An uninterrupted run: what a run that loses an actor must reproduce exactly (every random draw is keyed by
     seed, particle and step, and every actor computes with one thread)."""
     from pdray.cluster.driver import run_ray

@@ -3,7 +3,6 @@ local Ray cluster with resume, a killed cell and a failing cell (slow)."""
 
 import json
 import math
-import os
 import threading
 import time
 
@@ -112,21 +111,6 @@ def test_series_average_over_seeds_with_min_max():
 # ---- on a real local Ray cluster (slow) ----
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-    )
-    yield
-    ray.shutdown()
-
-
 def tiny_study(model, out, *args):
     return runner.invoke(
         app,
@@ -150,7 +134,7 @@ def tiny_study(model, out, *args):
 
 
 @pytest.mark.slow
-def test_a_2x2_grid_of_tiny_runs_fills_the_study_and_resume_skips_finished_cells(cluster, tiny_model, tmp_path):
+def test_a_2x2_grid_of_tiny_runs_fills_the_study_and_resume_skips_finished_cells(local_ray, tiny_model, tmp_path):
     out = tmp_path / "grid"
     result = tiny_study(tiny_model, out, "--vary", "guidance=vsd,sds", "--vary", "particles=1,2")
     assert result.exit_code == 0, result.output
@@ -197,7 +181,7 @@ def kill_first_cell_process(killed: list[int], stop: threading.Event) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_cell_is_retried_and_a_failing_cell_never_sinks_the_study(cluster, tiny_model, tmp_path):
+def test_a_killed_cell_is_retried_and_a_failing_cell_never_sinks_the_study(local_ray, tiny_model, tmp_path):
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=kill_first_cell_process, args=(killed, stop))
