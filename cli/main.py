@@ -122,10 +122,14 @@ def train_toy(
     judge_steps: Annotated[int, typer.Option(min=1)] = 800,
     judge_batch_size: Annotated[int, typer.Option(min=1)] = 64,
     max_minutes: Annotated[float, typer.Option(min=0.1, help="Stop the UNet phase past this wall time.")] = 100.0,
+    save_every_minutes: Annotated[float, typer.Option(min=0.1, help="Write the prior this often.")] = 10.0,
+    init_from: Annotated[
+        str | None, typer.Option(help="Fine-tune this prior (a folder or 'toyworld'): keeps its VAE and judge.")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (fast on CUDA; slow on this project's CPU).")] = False,
 ) -> None:
-    """Render the toy world and train its prior (VAE, UNet, text encoder) and judge, seeded and reproducible."""
+    """Render the toy world and train its prior (VAE, UNet, text encoder) and judge, or fine-tune one; seeded."""
     import json
 
     import torch
@@ -143,6 +147,8 @@ def train_toy(
         judge_steps=judge_steps,
         judge_batch_size=judge_batch_size,
         max_minutes=max_minutes,
+        save_every_minutes=save_every_minutes,
+        init_from=init_from,
         device=device,
         bf16=bf16,
     )

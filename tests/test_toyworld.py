@@ -77,27 +77,59 @@ def test_colour_entropy():
     assert abs(colour_entropy(["red", "green", "blue", "yellow", "purple", "orange"]) - max_colour_entropy()) < 1e-9
 
 
+def test_the_schedule_keeps_sds_noise_levels_but_ends_at_ddpm_terminal_snr():
+    from diffusers import DDPMScheduler
+
+    from pdray.priors.toyworld.model import DDPM_TERMINAL_SQRT_ALPHA_BAR, build_scheduler
+
+    ours = build_scheduler().alphas_cumprod
+    sd = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    assert torch.all(ours[1:] < ours[:-1])
+    assert abs(ours[-1].sqrt() - DDPM_TERMINAL_SQRT_ALPHA_BAR) < 1e-5 and sd[-1].sqrt() > 0.06
+    assert torch.allclose(ours[:100], sd[:100], rtol=0.01) and abs(ours[0] - sd[0]) < 1e-6
+
+
+def _tiny_cfg(**overrides):
+    from pdray.priors.toyworld.train import ToyTrainConfig
+
+    small = dict(pool_size=32, render_chunk=32, vae_steps=2, vae_batch_size=4, unet_steps=2, unet_batch_size=4)
+    return ToyTrainConfig(**{**small, "warmup_steps": 1, "judge_steps": 2, "judge_batch_size": 4, **overrides})
+
+
 def test_a_tiny_training_run_works_end_to_end(tmp_path):
     from pdray.priors.sampling import sample_images
-    from pdray.priors.toyworld.train import ToyTrainConfig, train_toy_prior
+    from pdray.priors.toyworld.train import train_toy_prior
 
-    cfg = ToyTrainConfig(
-        pool_size=32,
-        render_chunk=32,
-        vae_steps=2,
-        vae_batch_size=4,
-        unet_steps=2,
-        unet_batch_size=4,
-        warmup_steps=1,
-        judge_steps=2,
-        judge_batch_size=4,
-    )
-    report = train_toy_prior(tmp_path / "prior", cfg)
+    report = train_toy_prior(tmp_path / "prior", _tiny_cfg())
     assert report["unet_steps_done"] == 2 and report["scaling_factor"] > 0
     prior = DiffusionPrior(tmp_path / "prior", device="cpu")
     assert prior.image_resolution == 32 and prior.latent_channels == 4
     assert sample_images(prior, ["a cube"], steps=2, progress=False).shape == (1, 3, 32, 32)
     load_judge(tmp_path / "prior" / "judge")
+
+
+def test_fine_tuning_keeps_vae_and_judge_and_a_stopped_run_leaves_a_prior(tmp_path):
+    from safetensors.torch import load_file
+
+    from pdray.priors.toyworld.train import train_toy_prior
+
+    train_toy_prior(tmp_path / "base", _tiny_cfg())
+    # max_minutes=0: the UNet phase stops after its first step, and still writes the prior.
+    report = train_toy_prior(
+        tmp_path / "tuned", _tiny_cfg(unet_steps=50, init_from=str(tmp_path / "base"), max_minutes=0)
+    )
+    assert report["unet_steps_done"] == 1 and report["vae_loss"] is None
+    assert not (tmp_path / "tuned.tmp").exists() and not (tmp_path / "tuned.old").exists()
+
+    def weights(folder, part, file):
+        return load_file(tmp_path / folder / part / file)
+
+    for part, file in [("vae", "diffusion_pytorch_model.safetensors"), ("judge", "judge.safetensors")]:
+        base, tuned = weights("base", part, file), weights("tuned", part, file)
+        assert all(torch.equal(base[k], tuned[k]) for k in base)
+    base, tuned = (weights(f, "unet", "diffusion_pytorch_model.safetensors") for f in ("base", "tuned"))
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    DiffusionPrior(tmp_path / "tuned", device="cpu")
 
 
 @shipped

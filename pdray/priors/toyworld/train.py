@@ -1,6 +1,7 @@
 """Train the toy prior end to end: render a pool of the world, fit the VAE, measure its scaling factor,
-train the UNet and text encoder (EMA weights, min-SNR weighting), train the judge, save in SD format.
+train the judge, train the UNet and text encoder (EMA weights, min-SNR weighting), save in SD format.
 
+Or fine-tune one (`init_from`): its VAE, tokenizer and judge are kept, its UNet and text encoder train on.
 Seeded and reproducible on one device; `pdray prior train-toy --out DIR` is the documented command.
 """
 
@@ -15,12 +16,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPTextModel
 
+from pdray.priors.diffusion import resolve_model
 from pdray.priors.toyworld import model as toy
 from pdray.priors.toyworld.captions import caption_variants
-from pdray.priors.toyworld.judge import save_judge, train_judge
+from pdray.priors.toyworld.judge import load_judge, save_judge, train_judge
 from pdray.priors.toyworld.world import COLOUR_NAMES, SHAPES, VIEWS, sample_world
 
 
@@ -42,6 +46,8 @@ class ToyTrainConfig:
     judge_steps: int = 800
     judge_batch_size: int = 64
     max_minutes: float = 100.0  # stop the UNet phase early (and still save) past this wall time
+    save_every_minutes: float = 10.0  # write the prior (EMA weights) this often, so a stopped run leaves one
+    init_from: str | None = None  # a prior folder (or "toyworld") to fine-tune instead of training from scratch
     device: str = "cpu"
     bf16: bool = False  # bf16 autocast: a win on CUDA; measured 15x slower than fp32 on this project's CPU
 
@@ -115,12 +121,30 @@ def caption_token_table(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, probs
 
 
-def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, pool: dict[str, torch.Tensor], started: float):
-    """Joint UNet + text encoder training on scaled latents with fresh captions each step."""
+def build_text_model(cfg: ToyTrainConfig):
+    """Tokenizer, text encoder and UNet: fresh, or loaded from cfg.init_from to be fine-tuned."""
+    if cfg.init_from is None:
+        tokenizer = toy.build_tokenizer()
+        text_encoder = toy.build_text_encoder(len(tokenizer))
+        return tokenizer, text_encoder, toy.build_unet(text_encoder.config.hidden_size)
+    base = resolve_model(cfg.init_from)[0]
+    return (
+        AutoTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+        UNet2DConditionModel.from_pretrained(base, subfolder="unet"),
+    )
+
+
+def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, pool: dict[str, torch.Tensor], started: float, save):
+    """Joint UNet + text encoder training on scaled latents with fresh captions each step.
+
+    `save(unet, text_encoder, tokenizer, scheduler, stats)` is called with the EMA weights every
+    cfg.save_every_minutes and at the end.
+    """
     device = cfg.device
-    tokenizer = toy.build_tokenizer()
-    text_encoder = toy.build_text_encoder(len(tokenizer)).to(device)
-    unet = toy.build_unet(text_encoder.config.hidden_size).to(device)
+    tokenizer, text_encoder, unet = build_text_model(cfg)
+    text_encoder.to(device).train()
+    unet.to(device).train()
     scheduler = toy.build_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -133,7 +157,8 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, pool: dict[str, torch
     latents = latents.to(device)
     shapes, colours, views = (pool[k].to(device) for k in ("shapes", "colours", "views"))
     bar = tqdm(range(cfg.unet_steps), desc="unet")
-    loss_avg, steps_done = torch.zeros((), device=device), 0
+    loss_avg, steps_done, last_save = torch.zeros((), device=device), 0, 0.0
+    stats: dict = {}
     for step in bar:
         idx = torch.randint(len(latents), (cfg.unet_batch_size,), generator=gen, device=device)
         x0 = latents[idx]
@@ -158,51 +183,65 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, pool: dict[str, torch
         steps_done = step + 1
         if step % 50 == 0:  # reading the loss syncs the device: not every step
             bar.set_postfix(loss=f"{float(loss_avg):.4f}", refresh=False)
-        if (time.time() - started) / 60 > cfg.max_minutes:
-            tqdm.write(f"stopping the UNet phase at step {steps_done}: past max_minutes={cfg.max_minutes}")
+        minutes = (time.time() - started) / 60
+        stopping = minutes > cfg.max_minutes
+        if stopping or steps_done == cfg.unet_steps or minutes - last_save >= cfg.save_every_minutes:
+            last_save = minutes
+            stats = {"unet_steps_done": steps_done, "unet_loss_ema": float(loss_avg)}
+            ema.store(params)
+            ema.copy_to(params)
+            save(unet.eval(), text_encoder.eval(), tokenizer, scheduler, stats)
+            if not stopping and steps_done < cfg.unet_steps:
+                ema.restore(params)
+                unet.train()
+                text_encoder.train()
+        if stopping:
+            tqdm.write(f"stopped the UNet phase at step {steps_done}: past max_minutes={cfg.max_minutes}")
             break
-    ema.copy_to(params)
-    return (
-        unet.eval(),
-        text_encoder.eval(),
-        tokenizer,
-        scheduler,
-        {"unet_steps_done": steps_done, "unet_loss_ema": float(loss_avg)},
-    )
+    return stats
+
+
+def write_prior(out: Path, parts: dict, report: dict) -> None:
+    """Write the prior folder atomically: into out.tmp, then swapped in for out."""
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+        parts[name].save_pretrained(tmp / name)
+    toy.write_model_index(tmp)
+    save_judge(parts["judge"], tmp / "judge")
+    (tmp / "training.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def train_toy_prior(out: Path, cfg: ToyTrainConfig) -> dict:
-    """Train everything and write the prior folder atomically (into out.tmp, then renamed to out)."""
+    """Train (or fine-tune) everything; the prior folder is rewritten atomically at each save."""
     started = time.time()
     torch.manual_seed(cfg.seed)
     pool = render_pool(cfg)
-    vae, vae_loss = train_vae(cfg, pool)
-    raw = encode_pool(vae, pool)
-    scaling_factor = float(1.0 / raw.std())
-    vae.register_to_config(scaling_factor=scaling_factor)
-    unet, text_encoder, tokenizer, scheduler, unet_stats = train_unet(cfg, raw * scaling_factor, pool, started)
-    judge = train_judge(pool, cfg.judge_steps, cfg.judge_batch_size, cfg.seed + 3, cfg.device)
-    tqdm.write(f"trained in {(time.time() - started) / 60:.1f} min")
+    if cfg.init_from is None:
+        vae, vae_loss = train_vae(cfg, pool)
+        raw = encode_pool(vae, pool)
+        vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+        judge = train_judge(pool, cfg.judge_steps, cfg.judge_batch_size, cfg.seed + 3, cfg.device)
+    else:
+        base = Path(resolve_model(cfg.init_from)[0])
+        vae, vae_loss = AutoencoderKL.from_pretrained(base / "vae").to(cfg.device).eval(), None
+        raw = encode_pool(vae, pool)
+        judge = load_judge(base / "judge", cfg.device)
+    scaling_factor = float(vae.config.scaling_factor)
+    report = {"config": asdict(cfg), "vae_loss": vae_loss, "scaling_factor": scaling_factor, "torch": torch.__version__}
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    vae.to("cpu").save_pretrained(tmp / "vae")
-    unet.to("cpu").save_pretrained(tmp / "unet")
-    text_encoder.to("cpu").save_pretrained(tmp / "text_encoder")
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    scheduler.save_pretrained(tmp / "scheduler")
-    toy.write_model_index(tmp)
-    save_judge(judge.cpu(), tmp / "judge")
-    report = {
-        "config": asdict(cfg),
-        "vae_loss": vae_loss,
-        "scaling_factor": scaling_factor,
-        **unet_stats,
-        "minutes": (time.time() - started) / 60,
-        "torch": torch.__version__,
-    }
-    (tmp / "training.json").write_text(json.dumps(report, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    def save(unet, text_encoder, tokenizer, scheduler, stats: dict) -> None:
+        report.update(stats, minutes=(time.time() - started) / 60)
+        parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer}
+        write_prior(out, {**parts, "scheduler": scheduler, "judge": judge}, report)
+        tqdm.write(f"saved the prior to {out} at UNet step {stats['unet_steps_done']}")
+
+    train_unet(cfg, raw * scaling_factor, pool, started, save)
+    tqdm.write(f"trained in {(time.time() - started) / 60:.1f} min")
     return report
