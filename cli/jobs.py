@@ -6,13 +6,13 @@ Bad input and unreachable or refusing clusters print one line and exit with code
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pdray.cli import options
+from pdray.cli.errors import clean_errors
 
 jobs_app = typer.Typer(help="Follow, inspect and stop jobs sent by `pdray submit`.", no_args_is_help=True)
 
@@ -23,23 +23,6 @@ Address = Annotated[
 JobId = Annotated[str, typer.Argument(help="The job id that `pdray submit` printed.")]
 
 
-def one_line_errors(command):
-    """Turn config and cluster errors into one line and exit code 2, without a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from pdray.cluster.submit import SubmitError
-        from pdray.config import ConfigError
-
-        try:
-            return command(*args, **kwargs)
-        except (ConfigError, SubmitError, FileNotFoundError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(code=2) from None
-
-    return wrapper
-
-
 def finish(jobs, job_id: str) -> None:
     """Stream the job's logs to stdout and exit 0 if it SUCCEEDED, 1 otherwise."""
     status = jobs.follow(job_id, lambda lines: typer.echo(lines, nl=False))
@@ -48,7 +31,7 @@ def finish(jobs, job_id: str) -> None:
         raise typer.Exit(code=1)
 
 
-@one_line_errors
+@clean_errors
 def submit(
     out: Annotated[
         str, typer.Option(help="Run folder on the cluster: an absolute path its nodes can write (a shared filesystem).")
@@ -108,7 +91,7 @@ def submit(
 
 
 @jobs_app.command()
-@one_line_errors
+@clean_errors
 def status(job_id: JobId, address: Address = None) -> None:
     """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and Ray's message about it."""
     from pdray.cluster.submit import Jobs
@@ -118,7 +101,7 @@ def status(job_id: JobId, address: Address = None) -> None:
 
 
 @jobs_app.command()
-@one_line_errors
+@clean_errors
 def logs(
     job_id: JobId,
     address: Address = None,
@@ -135,7 +118,7 @@ def logs(
 
 
 @jobs_app.command()
-@one_line_errors
+@clean_errors
 def stop(job_id: JobId, address: Address = None) -> None:
     """Stop a job: `pdray run` gets SIGTERM, checkpoints and exits (continue with `pdray resume OUT`)."""
     from pdray.cluster.submit import Jobs

@@ -5,7 +5,6 @@ Heavy libraries (torch, diffusers, ray) are imported inside commands so that `pd
 
 from __future__ import annotations
 
-import functools
 import importlib
 import platform
 import sys
@@ -14,6 +13,7 @@ from typing import Annotated
 
 import typer
 from pdray.cli import options
+from pdray.cli.errors import clean_errors, fail
 
 app = typer.Typer(
     help="pdray: diverse text-to-3D with Variational Score Distillation, scaled out with Ray.",
@@ -23,27 +23,6 @@ app = typer.Typer(
 )
 prior_app = typer.Typer(help="Train and inspect diffusion priors.", no_args_is_help=True)
 app.add_typer(prior_app, name="prior")
-
-
-def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
-
-
-def clean_errors(command):
-    """Turn the library's expected errors into one line and exit code 2, without a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from pdray.config import ConfigError
-        from pdray.priors.diffusion import PriorNotFoundError
-
-        try:
-            return command(*args, **kwargs)
-        except (ConfigError, PriorNotFoundError, FileNotFoundError) as err:
-            fail(str(err))
-
-    return wrapper
 
 
 @app.command()
