@@ -101,6 +101,7 @@ def train_toy(
     judge_steps: Annotated[int, typer.Option(min=1)] = 800,
     judge_batch_size: Annotated[int, typer.Option(min=1)] = 64,
     max_minutes: Annotated[float, typer.Option(min=0.1, help="Stop the UNet phase past this wall time.")] = 100.0,
+    offset_noise: Annotated[float, typer.Option(min=0.0, help="Std of per-channel offset noise.")] = 0.5,
     save_every_minutes: Annotated[float, typer.Option(min=0.1, help="Write the prior this often.")] = 10.0,
     init_from: Annotated[
         str | None, typer.Option(help="Fine-tune this prior (a folder or 'toyworld'): keeps its VAE and judge.")
@@ -126,6 +127,7 @@ def train_toy(
         judge_steps=judge_steps,
         judge_batch_size=judge_batch_size,
         max_minutes=max_minutes,
+        offset_noise=offset_noise,
         save_every_minutes=save_every_minutes,
         init_from=init_from,
         device=device,

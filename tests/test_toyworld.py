@@ -77,18 +77,6 @@ def test_colour_entropy():
     assert abs(colour_entropy(["red", "green", "blue", "yellow", "purple", "orange"]) - max_colour_entropy()) < 1e-9
 
 
-def test_the_schedule_keeps_sds_noise_levels_but_ends_at_ddpm_terminal_snr():
-    from diffusers import DDPMScheduler
-
-    from pdray.priors.toyworld.model import DDPM_TERMINAL_SQRT_ALPHA_BAR, build_scheduler
-
-    ours = build_scheduler().alphas_cumprod
-    sd = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
-    assert torch.all(ours[1:] < ours[:-1])
-    assert abs(ours[-1].sqrt() - DDPM_TERMINAL_SQRT_ALPHA_BAR) < 1e-5 and sd[-1].sqrt() > 0.06
-    assert torch.allclose(ours[:100], sd[:100], rtol=0.01) and abs(ours[0] - sd[0]) < 1e-6
-
-
 def _tiny_cfg(**overrides):
     from pdray.priors.toyworld.train import ToyTrainConfig
 

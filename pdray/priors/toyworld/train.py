@@ -43,6 +43,10 @@ class ToyTrainConfig:
     warmup_steps: int = 200
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
+    # Std of a per-channel constant added to the training noise ("offset noise"). Under SD's schedule x_T keeps
+    # 6.8% of the image, so a model trained on plain noise reads the colour off the initial noise's channel means
+    # and ignores the prompt's colour; offset noise makes those means uninformative at every t.
+    offset_noise: float = 0.5
     judge_steps: int = 800
     judge_batch_size: int = 64
     max_minutes: float = 100.0  # stop the UNet phase early (and still save) past this wall time
@@ -166,6 +170,7 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, pool: dict[str, torch
         ids = token_table[shapes[idx], colours[idx], views[idx], variant]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen, device=device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
+        noise = noise + cfg.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=gen, device=device)
         x_t = scheduler.add_noise(x0, noise, t)
         with _autocast(cfg):
             cond = text_encoder(ids).last_hidden_state
@@ -235,6 +240,8 @@ def train_toy_prior(out: Path, cfg: ToyTrainConfig) -> dict:
         judge = load_judge(base / "judge", cfg.device)
     scaling_factor = float(vae.config.scaling_factor)
     report = {"config": asdict(cfg), "vae_loss": vae_loss, "scaling_factor": scaling_factor, "torch": torch.__version__}
+    if cfg.init_from is not None and (base / "training.json").exists():  # keep the fine-tuned prior's provenance
+        report["base_training"] = json.loads((base / "training.json").read_text())
 
     def save(unet, text_encoder, tokenizer, scheduler, stats: dict) -> None:
         report.update(stats, minutes=(time.time() - started) / 60)
