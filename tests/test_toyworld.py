@@ -130,12 +130,12 @@ def test_shipped_judge_classifies_fresh_renders():
 
 
 @shipped
-def test_shipped_prior_loads_offline_and_draws_the_right_shapes():
-    # Shapes only: colour binding of the shipped prior is still weak (see benchmarks/results/toy_prior_report.json).
+def test_shipped_prior_loads_offline_and_draws_the_named_shape_and_colour():
     from pdray.priors.sampling import sample_images
 
     prior = DiffusionPrior("toyworld", device="cpu")
     judge = load_judge(TOY_MODEL_DIR / "judge")
-    images = sample_images(prior, ["a cube"] * 4 + ["a cone"] * 4, steps=20, cfg=7.5, progress=False)
-    agreement = torch.cat([judge.agreement(images[:4], "a cube"), judge.agreement(images[4:], "a cone")])
+    prompts = ["a red cube", "a blue cone", "a green mug", "a yellow torus"]
+    images = sample_images(prior, [p for p in prompts for _ in range(3)], steps=20, cfg=7.5, progress=False)
+    agreement = torch.cat([judge.agreement(images[3 * i : 3 * i + 3], p) for i, p in enumerate(prompts)])
     assert agreement.mean() >= 0.75
