@@ -233,15 +233,17 @@ def train_toy_prior(out: Path, cfg: ToyTrainConfig) -> dict:
         raw = encode_pool(vae, pool)
         vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
         judge = train_judge(pool, cfg.judge_steps, cfg.judge_batch_size, cfg.seed + 3, cfg.device)
+        provenance = {}
     else:
         base = Path(resolve_model(cfg.init_from)[0])
         vae, vae_loss = AutoencoderKL.from_pretrained(base / "vae").to(cfg.device).eval(), None
         raw = encode_pool(vae, pool)
         judge = load_judge(base / "judge", cfg.device)
+        base_report = base / "training.json"  # kept, so a fine-tuned prior says what it was tuned from
+        provenance = {"base_training": json.loads(base_report.read_text())} if base_report.exists() else {}
     scaling_factor = float(vae.config.scaling_factor)
     report = {"config": asdict(cfg), "vae_loss": vae_loss, "scaling_factor": scaling_factor, "torch": torch.__version__}
-    if cfg.init_from is not None and (base / "training.json").exists():  # keep the fine-tuned prior's provenance
-        report["base_training"] = json.loads((base / "training.json").read_text())
+    report.update(provenance)
 
     def save(unet, text_encoder, tokenizer, scheduler, stats: dict) -> None:
         report.update(stats, minutes=(time.time() - started) / 60)
