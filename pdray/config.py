@@ -92,6 +92,8 @@ class CameraConfig(Section):
     """Vertical field of view range, degrees."""
     views_per_step: Annotated[int, Field(ge=1)] = 1
     """Cameras rendered per particle per step."""
+    shared: bool = True
+    """Every particle sees the same cameras at a step, so their renders form one sample of q(x | c) per camera."""
 
 
 class NerfConfig(Section):
@@ -182,6 +184,9 @@ class RunConfig(Section):
     """Variational score distillation (ProlificDreamer) or score distillation sampling (DreamFusion)."""
     cfg: Annotated[float, Field(ge=1.0)] = 7.5
     """Classifier-free guidance scale of the pretrained prediction (paper: 7.5 for VSD, 100 for SDS)."""
+    particle_score: Literal["gaussian", "lora"] = "gaussian"
+    """VSD's score of the particles' own renders: "gaussian", a Gaussian fitted to their latents at each shared
+    camera (closed form, nothing trained); "lora", the paper's camera-conditioned LoRA fitted alongside."""
     seed: Annotated[int, Field(ge=0)] = 0
     """Seed of every random stream (each particle derives its own)."""
     steps: Annotated[int, Field(ge=1)] = 400
@@ -228,6 +233,8 @@ class RunConfig(Section):
     def _stages_in_order(self) -> RunConfig:
         if self.stages not in (["nerf"], ["nerf", "mesh"]):
             raise ValueError(f"stages must be [nerf] or [nerf, mesh], got {self.stages}")
+        if self.guidance == "vsd" and self.particle_score != "lora" and not self.camera.shared:
+            raise ValueError("particle_score: gaussian needs camera.shared: true (one fit per shared camera)")
         if "mesh" in self.stages and self.particle != "nerf":
             if "stages" in self.model_fields_set:
                 raise ValueError("stages: the mesh stage needs NeRF particles (particle: nerf)")
@@ -306,9 +313,30 @@ def _allowed_keys(model: Any, loc: tuple) -> list[str]:
     return [f.name for f in dataclasses.fields(current)] if dataclasses.is_dataclass(current) else []
 
 
+def _fill_from_defaults(default: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Nested sections given in part keep their parent's default for every key not given.
+
+    Without this, ``--set nerf.field.blob_radius=0.4`` would rebuild ``nerf.field`` from FieldConfig's class
+    defaults (a 16-level hash grid) rather than the run's default field (a small dense grid), and
+    ``--set t_range.start=...`` would reset ``t_range.at_step`` to TRange's class default."""
+    out = dict(data)
+    for key, value in data.items():
+        section = getattr(default, key, None)
+        if not isinstance(value, dict) or section is None:
+            continue
+        if isinstance(section, BaseModel):
+            full = section.model_dump(mode="python")
+        elif dataclasses.is_dataclass(section):
+            full = dataclasses.asdict(section)
+        else:
+            continue
+        out[key] = _merge(full, _fill_from_defaults(section, value))
+    return out
+
+
 def validate(data: dict[str, Any]) -> RunConfig:
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(_fill_from_defaults(RunConfig(), data))
     except ValidationError as err:
         first = err.errors()[0]
         loc = tuple(str(p) for p in first["loc"])

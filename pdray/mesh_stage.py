@@ -95,6 +95,7 @@ class MeshStage:
         """SDS or VSD with this stage's guidance scale, timestep range and seed; VSD brings a fresh CameraLoRA."""
         update = {
             "guidance": guidance,
+            "particle_score": "lora",  # one particle per task: a Gaussian fit to one latent is SDS
             "cfg": cfg,
             "t_range": self.mesh.t_range,
             "seed": stage_seed(self.config.seed, self.particle_id, stage),

@@ -219,10 +219,10 @@ class ParticleGroup:
         self._pending: dict[int, torch.Tensor] = {}
 
     def cameras(self, particle_id: int, step: int) -> Cameras:
-        """The cameras particle ``particle_id`` sees at ``step``: a pure function of (seed, id, step)."""
-        return sample_cameras(
-            self.config.camera.views_per_step, self.ranges, stream(self.config.seed, particle_id, step)
-        )
+        """The cameras particle ``particle_id`` sees at ``step``: a pure function of (seed, id, step), or of
+        (seed, step) alone when cameras are shared by all particles."""
+        key = (self.config.seed, 0xCA3E5A, step) if self.config.camera.shared else (self.config.seed, particle_id, step)
+        return sample_cameras(self.config.camera.views_per_step, self.ranges, stream(*key))
 
     def render(self, step: int) -> tuple[RenderOut, dict[str, float]]:
         started, clock = time.perf_counter(), {"encode": 0.0}

@@ -13,7 +13,7 @@ import torch
 
 from pdray.checkpoint import load_optimizer_tensors, optimizer_tensors
 from pdray.config import RunConfig
-from pdray.distill import sample_timesteps, sds_grad, t_bounds, vsd_grad
+from pdray.distill import gaussian_eps, sample_timesteps, sds_grad, t_bounds, vsd_grad
 from pdray.particle import RenderOut, stream
 from pdray.priors.diffusion import DiffusionPrior
 from pdray.priors.lora import CameraLoRA
@@ -23,7 +23,8 @@ from pdray.prompts import view_prompt
 class ScoreEstimator:
     def __init__(self, config: RunConfig, prior: DiffusionPrior):
         self.config, self.prior = config, prior
-        self.lora = CameraLoRA(prior, config.lora, seed=config.seed) if config.guidance == "vsd" else None
+        trains_lora = config.guidance == "vsd" and config.particle_score == "lora"
+        self.lora = CameraLoRA(prior, config.lora, seed=config.seed) if trains_lora else None
 
     def prompts(self, view_labels: list[str | None]) -> list[str]:
         """The prompt per latent, with DreamFusion's view suffix when view-dependent prompting is on."""
@@ -51,13 +52,18 @@ class ScoreEstimator:
         cond = self.prior.embed(self.prompts(labels))
         uncond = self.prior.embed([self.config.negative_prompt] * n)
         a = self.prior.alpha_bar(t)
+        if self.config.guidance == "vsd" and self.lora is None:  # one Gaussian per shared camera
+            cameras = torch.unique(c2w.flatten(1), dim=0, return_inverse=True)[1]
+            eps_particles = gaussian_eps(x_t, a, z, cameras)
         out, lora_time = [], 0.0
         chunk = self.config.score_batch_size
         for s in range(0, n, chunk):
             sl = slice(s, s + chunk)
             eps_pre = self.prior.predict_eps(x_t[sl], t[sl], cond[sl], uncond[sl], self.config.cfg)
-            if self.lora is None:
+            if self.config.guidance == "sds":
                 out.append(sds_grad(eps_pre, noise[sl], a[sl]))
+            elif self.lora is None:
+                out.append(vsd_grad(eps_pre, eps_particles[sl], a[sl]))
             else:
                 lora_started = time.perf_counter()
                 eps_lora = self.lora.predict_eps(x_t[sl], t[sl], cond[sl], c2w[sl], uncond[sl])
@@ -76,7 +82,7 @@ class ScoreEstimator:
         return list(grad.split(sizes)), stats
 
     def lora_update(self, step: int, *renders: RenderOut) -> dict[str, float]:
-        """steps_per_update LoRA steps on the renders' detached latents (VSD); nothing for SDS."""
+        """steps_per_update LoRA steps on the renders' detached latents (VSD with a LoRA); nothing otherwise."""
         if self.lora is None:
             return {}
         started = time.perf_counter()

@@ -72,3 +72,12 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
     save_config(again, tmp_path / "again.yaml")
     assert (tmp_path / "again.yaml").read_text() == text
+
+
+def test_a_partial_override_of_a_nested_section_keeps_the_run_defaults_of_its_other_keys():
+    default = load_config("default")
+    cfg = load_config("default", ["nerf.field.blob_radius=0.4", "t_range.start=[0.02, 0.9]"])
+    assert cfg.nerf.field.blob_radius == 0.4 and cfg.nerf.field.grid == default.nerf.field.grid
+    assert cfg.nerf.field.hidden_dim == default.nerf.field.hidden_dim
+    assert cfg.t_range.at_step == default.t_range.at_step == 200 and cfg.t_range.start == (0.02, 0.9)
+    assert load_config("prolificdreamer").nerf.field.grid.kind == "hashgrid"

@@ -57,9 +57,10 @@ def test_lora_on_a_separate_v_prediction_base(tiny_model, tiny_v_model):
     assert loss > 0
 
 
+@pytest.mark.parametrize("particle_score", ["gaussian", "lora"])
 @pytest.mark.parametrize("particle", ["nerf", "image"])
-def test_gradients_reach_particle_parameters(tiny_model, particle):
-    config = tiny_config(tiny_model, f"particle={particle}")
+def test_gradients_reach_particle_parameters(tiny_model, particle, particle_score):
+    config = tiny_config(tiny_model, f"particle={particle}", f"particle_score={particle_score}")
     prior = DiffusionPrior(tiny_model, device="cpu")
     group, score = ParticleGroup(config, [0, 1], prior), ScoreEstimator(config, prior)
     before = {k: v.clone() for k, v in group.state_tensors().items() if ".optim." not in k}
@@ -74,16 +75,28 @@ def test_gradients_reach_particle_parameters(tiny_model, particle):
     assert any(k.startswith("0000.") for k in changed) and any(k.startswith("0001.") for k in changed)
 
 
-def test_sds_mode_has_no_lora(tiny_model):
-    config = tiny_config(tiny_model, "guidance=sds", "cfg=100")
-    score = ScoreEstimator(config, DiffusionPrior(tiny_model, device="cpu"))
+@pytest.mark.parametrize("overrides", [["guidance=sds", "cfg=100"], ["particle_score=gaussian"]])
+def test_sds_and_the_gaussian_particle_score_train_no_lora(tiny_model, overrides):
+    score = ScoreEstimator(tiny_config(tiny_model, *overrides), DiffusionPrior(tiny_model, device="cpu"))
     assert score.lora is None and score.state_tensors() == {}
+
+
+def test_shared_cameras_are_the_same_for_every_particle_and_the_gaussian_score_needs_them(tiny_model):
+    from pdray.config import ConfigError
+
+    group = ParticleGroup(tiny_config(tiny_model), [0, 1], DiffusionPrior(tiny_model, device="cpu"))
+    assert torch.equal(group.cameras(0, 5).c2w(), group.cameras(1, 5).c2w())
+    assert not torch.equal(group.cameras(0, 5).c2w(), group.cameras(0, 6).c2w())
+    own = ParticleGroup(tiny_config(tiny_model, "camera.shared=false", "particle_score=lora"), [0, 1], group.prior)
+    assert not torch.equal(own.cameras(0, 5).c2w(), own.cameras(1, 5).c2w())
+    with pytest.raises(ConfigError, match=r"particle_score: gaussian needs camera\.shared"):
+        tiny_config(tiny_model, "camera.shared=false")
 
 
 @pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").exists(), reason="toy prior not trained yet")
 def test_a_short_2d_vsd_run_lowers_the_lora_loss():
     # On the trained toy prior: the LoRA learns the particles' distribution (a random tiny UNet cannot).
-    config = load_config("image2d", ["particles=4", "lora.lr=1e-3", "wandb=off"])
+    config = load_config("image2d", ["particles=4", "particle_score=lora", "lora.lr=1e-3", "wandb=off"])
     prior = DiffusionPrior("toyworld", device="cpu")
     group, score = ParticleGroup(config, [0, 1, 2, 3], prior), ScoreEstimator(config, prior)
     losses = []
@@ -97,7 +110,7 @@ def test_a_short_2d_vsd_run_lowers_the_lora_loss():
 
 
 def test_save_and_load_reproduce_the_next_step_exactly(tiny_model, tmp_path):
-    config = tiny_config(tiny_model)
+    config = tiny_config(tiny_model, "particle_score=lora")
     prior = DiffusionPrior(tiny_model, device="cpu")
 
     def step(group, score, k):
@@ -163,3 +176,17 @@ def test_white_background_renders_white_and_has_no_background_parameters(tiny_mo
     assert torch.allclose(image, torch.ones_like(image), atol=1e-3)
     learned = ParticleGroup(tiny_config(tiny_model, "nerf.background=learned"), [0], group.prior)
     assert any(".background." in k for k in learned.state_tensors())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").exists(), reason="toy prior not trained yet")
+def test_a_short_vsd_run_is_more_diverse_than_a_short_sds_run(tmp_path):
+    """8 latent particles of a colour-open prompt: VSD spreads over colours, SDS at the same CFG collapses."""
+    from pdray.local_executor import run_local
+
+    def entropy(guidance: str) -> float:
+        overrides = ["particles=8", "steps=150", f"guidance={guidance}", "cfg=7.5", "wandb=off", "checkpoint_every=150"]
+        return run_local(load_config("image2d", overrides), tmp_path / guidance)["colour_entropy_fraction"]
+
+    vsd, sds = entropy("vsd"), entropy("sds")
+    assert vsd > sds + 0.2, (vsd, sds)

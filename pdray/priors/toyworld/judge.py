@@ -74,6 +74,19 @@ class Judge(nn.Module):
         }
 
     @torch.no_grad()
+    def confidence(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
+        """Per image, the judge's probability of what the prompt names: p(shape), times p(colour) when the
+        prompt gives one. Stricter than ``agreement``: a blob that is barely a cube scores low."""
+        wanted = parse_prompt(prompt)
+        shape, colour, _ = self(images)
+        p = torch.ones(images.shape[0])
+        if wanted.shape is not None:
+            p = p * shape.softmax(-1)[:, SHAPES.index(wanted.shape)].cpu()
+        if wanted.colour is not None:
+            p = p * colour.softmax(-1)[:, COLOUR_NAMES.index(wanted.colour)].cpu()
+        return p
+
+    @torch.no_grad()
     def agreement(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
         """Per image, 1.0 when the judge sees what the prompt names (shape, colour if given, view if it matters)."""
         wanted = parse_prompt(prompt)
