@@ -61,22 +61,25 @@ def lora_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_eps(
-    x_t: torch.Tensor, alpha_bar_t: torch.Tensor, latents: torch.Tensor, groups: torch.Tensor
+    noise: torch.Tensor, alpha_bar_t: torch.Tensor, latents: torch.Tensor, groups: torch.Tensor
 ) -> torch.Tensor:
     """VSD's eps_phi from a Gaussian fitted to the particles' own latents, one fit per camera: nothing trained.
 
-    The latents rendered from one camera (equal ``groups`` ids) are modelled as q(z | c) = N(mu, sigma^2), with mu
-    their mean and sigma^2 their variance across particles per latent channel (averaged over pixels). Noised to
-    level t, q_t(x_t | c) = N(sqrt(a) mu, a sigma^2 + 1 - a), whose posterior-mean noise is returned:
-    ``sqrt(1 - a) (x_t - sqrt(a) mu) / (a sigma^2 + 1 - a)``. Particles that have gathered in one place (small
-    sigma^2) are pushed apart strongly, spread ones hardly; a group of one gives the sampled noise (SDS).
-    x_t, latents: [B, C, h, w]; alpha_bar_t: [B, 1, 1, 1]; groups: [B] int. -> eps [B, C, h, w], float32.
+    The latents rendered from one camera (equal ``groups`` ids) are modelled as q(z | c) = N(mu, sigma^2): mu their
+    mean, sigma^2 their variance across particles per latent channel (averaged over pixels). Noised to level t,
+    q_t = N(sqrt(a) mu, a sigma^2 + 1 - a), whose posterior-mean noise at x_t = sqrt(a) z + sqrt(1 - a) noise is
+    ``sqrt(1 - a) (x_t - sqrt(a) mu) / (a sigma^2 + 1 - a)``. Returned is that prediction's expectation over the
+    noise plus the noise itself, ``noise + sqrt(a (1 - a)) (z - mu) / (a sigma^2 + 1 - a)``: the same VSD gradient
+    in expectation, with the sampled noise as control variate as in SDS (the raw prediction cancels only part of
+    the noise in eps_pretrained, and the rest fogs the particles). Particles gathered in one place (small
+    sigma^2) are pushed apart strongly, spread ones hardly; a group of one gives the noise (SDS).
+    noise, latents: [B, C, h, w]; alpha_bar_t: [B, 1, 1, 1]; groups: [B] int. -> eps [B, C, h, w], float32.
     """
-    a, z, x = alpha_bar_t.float(), latents.float(), x_t.float()
+    a, z = alpha_bar_t.float(), latents.float()
     mean, variance = torch.empty_like(z), torch.zeros(z.shape[0], z.shape[1], 1, 1, device=z.device)
     for group in groups.unique():
         members = groups == group
         mean[members] = z[members].mean(0, keepdim=True)
         if int(members.sum()) > 1:
             variance[members] = z[members].var(0, keepdim=True).mean(dim=(2, 3), keepdim=True)
-    return (1 - a).sqrt() * (x - a.sqrt() * mean) / (a * variance + 1 - a)
+    return noise.float() + (a * (1 - a)).sqrt() * (z - mean) / (a * variance + 1 - a)

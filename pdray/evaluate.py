@@ -3,7 +3,8 @@
 With the toy prior, the judge says whether each view shows the prompt (the analogue of CLIP R-precision)
 and gives features for diversity. With any other prior the diversity fallback is the mean pairwise RGB
 distance of 32x32 renders (documented, cruder: it also counts pose-independent colour changes). Every prior gets
-the foreground saturation of the views (``pdray.metrics``), averaged over particles: the over-saturation symptom.
+the foreground saturation of the views (``pdray.metrics``), averaged over particles (the over-saturation symptom),
+their brightness, haze (faint fringe pixels per solid pixel) and the number of distinct dominant hues.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from pdray.cameras import Cameras, orbit_cameras
 from pdray.config import RunConfig
 from pdray.imaging import save_gif, save_png
-from pdray.metrics import foreground_saturation
+from pdray.metrics import dominant_hue, foreground_brightness, foreground_saturation, haze
 from pdray.priors.diffusion import TOY_MODEL, TOY_MODEL_DIR
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
 from pdray.tracking import mean_pairwise_distance
@@ -44,16 +45,24 @@ def evaluate_particles(config: RunConfig, group, run_dir: Path, turntable_frames
 
 @torch.no_grad()
 def score_views(config: RunConfig, views: dict[int, torch.Tensor]) -> dict[str, Any]:
-    result: dict[str, Any] = {"saturation": sum(foreground_saturation(v) for v in views.values()) / len(views)}
+    everything = torch.cat(list(views.values()))
+    result: dict[str, Any] = {
+        "saturation": sum(foreground_saturation(v) for v in views.values()) / len(views),
+        "brightness": foreground_brightness(everything),
+        "haze": haze(everything),
+        "distinct_hues": len({dominant_hue(v) for v in views.values()}),
+    }
     if config.prior.model == TOY_MODEL and (TOY_MODEL_DIR / "judge").exists():
         judge = load_judge(TOY_MODEL_DIR / "judge")
-        agreement, colours, features = {}, [], []
+        agreement, confidence, colours, features = {}, [], [], []
         for pid, images in views.items():
             agreement[pid] = float(judge.agreement(images, config.prompt).mean())
+            confidence.append(float(judge.confidence(images, config.prompt).mean()))
             colours.append(Counter(judge.classify(images)["colour"]).most_common(1)[0][0])
             features.append(judge.features(images).mean(0))
         result["judge_agreement"] = sum(agreement.values()) / len(agreement)
         result["judge_agreement_per_particle"] = agreement
+        result["judge_confidence"] = sum(confidence) / len(confidence)
         result["judged_colours"] = colours
         result["colour_entropy"] = colour_entropy(colours)
         result["colour_entropy_fraction"] = colour_entropy(colours) / max_colour_entropy()

@@ -24,7 +24,16 @@ from typing import Any
 
 from pdray.config import ConfigError, RunConfig, config_to_yaml, load_config
 
-METRICS = ("judge_agreement", "diversity", "colour_entropy_fraction", "saturation", "wall_time_s", "steps_per_s")
+METRICS = (
+    "judge_agreement",
+    "diversity",
+    "colour_entropy_fraction",
+    "distinct_hues",
+    "saturation",
+    "haze",
+    "wall_time_s",
+    "steps_per_s",
+)
 """The study table's metric columns, read from each run's summary.json."""
 FIXED_BY_STUDY = ("executor", "wandb", "ray")
 """Knobs a study sets itself: every cell runs the local executor inside its Ray task, W&B mode is --wandb."""
