@@ -8,8 +8,9 @@ image2d for 2D, both at ``--steps``), draws the prior's ancestral samples (DDIM 
 prints one row per method (pdray.quality.set_quality):
 
 - colour H: entropy of the judged colours over particles, a fraction of log 6; hues: distinct dominant hues;
-- KID: kernel distance of the particles' views to 64 reference samples in judge features, beside the floor
-  (another draw of as many ancestral samples as the particles have views, against the same reference);
+- KID: kernel distance of the particles' views to 64 reference samples (``--reference-samples``) in judge
+  features, beside the floor (another draw of as many ancestral samples as the particles have views, against the
+  same reference);
 - haze (faint fringe pixels per solid pixel; lower is crisper), edge energy, saturation, brightness;
 - agreement (judge sees the prompt's shape / colour) and confidence (the judge's probability of it); wall time.
 
@@ -93,6 +94,15 @@ def fmt(row: dict) -> str:
     )
 
 
+def write_markdown(table: dict, path: Path) -> None:
+    lines = ["| dim / prompt / method | colour H | hues | KID | haze | edge | sat | value | agree | conf | s |"]
+    lines.append("|" + "---|" * 11)
+    for key, rows in table.items():
+        for name, row in rows.items():
+            lines.append(f"| {key} / {name} | " + " | ".join(fmt(row).split()) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", default="3d,2d")
@@ -101,6 +111,7 @@ def main() -> None:
     parser.add_argument("--particles", type=int, default=8)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--set", action="append", default=[], help="config override for every distillation run")
+    parser.add_argument("--reference-samples", type=int, default=REFERENCE_SAMPLES, help="ancestral samples per set")
     parser.add_argument("--out", default="benchmarks/results/quality")
     args = parser.parse_args()
     out = Path(args.out)
@@ -109,17 +120,16 @@ def main() -> None:
     table = json.loads((out / "table.json").read_text()) if (out / "table.json").exists() else {}
     header = f"{'':<30}{'colourH':>8}{'hues':>6}{'KID':>8}{'haze':>7}{'edge':>7}{'sat':>6}{'value':>6}"
     header += f"{'agree':>6}{'conf':>6}{'sec':>7}"
-    for dim in args.dims.split(","):
-        preset = "default" if dim == "3d" else "image2d"
-        for prompt in args.prompts.split(";"):
-            base = load_config(preset, [f"prompt={prompt}"])
-            n_views = base.eval_views if dim == "3d" else 1
-            started = time.perf_counter()
-            reference = sample_images(prior, [prompt] * REFERENCE_SAMPLES, cfg=7.5, seed=1000, progress=False)
-            n_floor = max(REFERENCE_SAMPLES, args.particles * n_views)
-            floor = sample_images(prior, [prompt] * n_floor, cfg=7.5, seed=2000, progress=False)
-            seconds = (time.perf_counter() - started) / (n_floor + len(reference)) * args.particles
-            rows = {"ancestral": ancestral_row(floor, args.particles, n_views, prompt, judge, reference, seconds)}
+    for prompt in args.prompts.split(";"):
+        started = time.perf_counter()
+        reference = sample_images(prior, [prompt] * args.reference_samples, cfg=7.5, seed=1000, progress=False)
+        n_floor = max(args.reference_samples, args.particles * 8)
+        floor = sample_images(prior, [prompt] * n_floor, cfg=7.5, seed=2000, progress=False)
+        sampled = (time.perf_counter() - started) / (n_floor + len(reference)) * args.particles
+        for dim in args.dims.split(","):
+            preset = "default" if dim == "3d" else "image2d"
+            n_views = load_config(preset).eval_views if dim == "3d" else 1
+            rows = {"ancestral": ancestral_row(floor, args.particles, n_views, prompt, judge, reference, sampled)}
             sheet = [sheet_row(list(floor[: args.particles]), "ancestral")]
             for method in args.methods.split(","):
                 config = load_config(
@@ -149,16 +159,10 @@ def main() -> None:
             table[key] = rows
             write_sheet(sheet, out / f"sheet_{dim}_{prompt.replace(' ', '-')}.png")
             (out / "table.json").write_text(json.dumps(table, indent=2))
+            write_markdown(table, out / "table.md")
             print(f"\n{key}\n{header}")
             for name, row in rows.items():
                 print(f"{name:<30}{fmt(row)}", flush=True)
-    lines = ["| dim / prompt / method | colour H | hues | KID | haze | edge | sat | value | agree | conf | s |"]
-    lines.append("|" + "---|" * 11)
-    for key, rows in table.items():
-        for name, row in rows.items():
-            cells = fmt(row).split()
-            lines.append(f"| {key} / {name} | " + " | ".join(cells) + " |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
