@@ -36,6 +36,7 @@ def ray_config(model, *overrides):
             "checkpoint_every=2",
             "eval_views=2",
             "wandb=offline",
+            "particle_score=lora",  # the LoRA's state must survive actor loss and resume too
             *overrides,
         ],
     )
