@@ -1,8 +1,10 @@
-"""The score estimator: the pretrained prior plus the CameraLoRA, batched over every particle's latents.
+"""The score estimator: the pretrained prior plus VSD's score of the particles, batched over every particle's latents.
 
-``grads(step, renders)`` returns one gradient tensor per RenderOut (SDS or VSD); ``lora_update(step,
-renders)`` fits the LoRA to the same detached latents with fresh t and noise. A Ray ScoreActor wraps this
-class; the local executor calls it directly.
+``grads(step, renders)`` returns one gradient tensor per RenderOut (SDS or VSD). VSD's particle score is a
+Gaussian fitted to all particles' latents at each shared camera (``particle_score: gaussian``, which is why every
+render of a step comes here together), or the CameraLoRA (``lora``), which ``lora_update(step, renders)`` fits to
+the same detached latents with fresh t and noise. A Ray ScoreActor wraps this class; the local executor calls it
+directly.
 """
 
 from __future__ import annotations
