@@ -187,6 +187,8 @@ class RunConfig(Section):
     particle_score: Literal["gaussian", "lora"] = "gaussian"
     """VSD's score of the particles' own renders: "gaussian", a Gaussian fitted to their latents at each shared
     camera (closed form, nothing trained); "lora", the paper's camera-conditioned LoRA fitted alongside."""
+    gaussian_repulsion: Annotated[float, Field(ge=0.0)] = 1.0
+    """Scale of the Gaussian particle score's push away from the particles' mean (1: the fit's own; 0: SDS)."""
     seed: Annotated[int, Field(ge=0)] = 0
     """Seed of every random stream (each particle derives its own)."""
     steps: Annotated[int, Field(ge=1)] = 400

@@ -61,7 +61,11 @@ def lora_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_eps(
-    noise: torch.Tensor, alpha_bar_t: torch.Tensor, latents: torch.Tensor, groups: torch.Tensor
+    noise: torch.Tensor,
+    alpha_bar_t: torch.Tensor,
+    latents: torch.Tensor,
+    groups: torch.Tensor,
+    repulsion: float = 1.0,
 ) -> torch.Tensor:
     """VSD's eps_phi from a Gaussian fitted to the particles' own latents, one fit per camera: nothing trained.
 
@@ -72,7 +76,8 @@ def gaussian_eps(
     noise plus the noise itself, ``noise + sqrt(a (1 - a)) (z - mu) / (a sigma^2 + 1 - a)``: the same VSD gradient
     in expectation, with the sampled noise as control variate as in SDS (the raw prediction cancels only part of
     the noise in eps_pretrained, and the rest fogs the particles). Particles gathered in one place (small
-    sigma^2) are pushed apart strongly, spread ones hardly; a group of one gives the noise (SDS).
+    sigma^2) are pushed apart strongly, spread ones hardly; a group of one gives the noise (SDS). ``repulsion``
+    scales that push (1: the fitted Gaussian's own; 0: SDS).
     noise, latents: [B, C, h, w]; alpha_bar_t: [B, 1, 1, 1]; groups: [B] int. -> eps [B, C, h, w], float32.
     """
     a, z = alpha_bar_t.float(), latents.float()
@@ -82,4 +87,4 @@ def gaussian_eps(
         mean[members] = z[members].mean(0, keepdim=True)
         if int(members.sum()) > 1:
             variance[members] = z[members].var(0, keepdim=True).mean(dim=(2, 3), keepdim=True)
-    return noise.float() + (a * (1 - a)).sqrt() * (z - mean) / (a * variance + 1 - a)
+    return noise.float() + repulsion * (a * (1 - a)).sqrt() * (z - mean) / (a * variance + 1 - a)

@@ -56,7 +56,7 @@ class ScoreEstimator:
         a = self.prior.alpha_bar(t)
         if self.config.guidance == "vsd" and self.lora is None:  # one Gaussian per shared camera
             cameras = torch.unique(c2w.flatten(1), dim=0, return_inverse=True)[1]
-            eps_particles = gaussian_eps(noise, a, z, cameras)
+            eps_particles = gaussian_eps(noise, a, z, cameras, self.config.gaussian_repulsion)
         out, lora_time = [], 0.0
         chunk = self.config.score_batch_size
         for s in range(0, n, chunk):

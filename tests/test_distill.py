@@ -85,3 +85,14 @@ def test_gaussian_eps_is_the_expected_posterior_mean_noise_of_the_fitted_gaussia
     noise = torch.randn(z.shape, generator=g)
     alone = gaussian_eps(noise[halves == 0], a[halves == 0], z[halves == 0], torch.zeros(2, dtype=torch.long))
     torch.testing.assert_close(gaussian_eps(noise, a, moved, halves)[halves == 0], alone)
+
+
+def test_gaussian_repulsion_scales_the_push_and_zero_is_sds():
+    from pdray.distill import gaussian_eps
+
+    g = torch.Generator().manual_seed(1)
+    z, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    a, groups = torch.full((4, 1, 1, 1), 0.5), torch.zeros(4, dtype=torch.long)
+    full, half = gaussian_eps(noise, a, z, groups), gaussian_eps(noise, a, z, groups, repulsion=0.5)
+    torch.testing.assert_close(half - noise, 0.5 * (full - noise))
+    torch.testing.assert_close(gaussian_eps(noise, a, z, groups, repulsion=0.0), noise)
