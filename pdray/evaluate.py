@@ -9,7 +9,6 @@ their brightness, haze (faint fringe pixels per solid pixel) and the number of d
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ def score_views(config: RunConfig, views: dict[int, torch.Tensor]) -> dict[str, 
         for pid, images in views.items():
             agreement[pid] = float(judge.agreement(images, config.prompt).mean())
             confidence.append(float(judge.confidence(images, config.prompt).mean()))
-            colours.append(Counter(judge.classify(images)["colour"]).most_common(1)[0][0])
+            colours.append(judge.dominant_colour(images))
             features.append(judge.features(images).mean(0))
         result["judge_agreement"] = sum(agreement.values()) / len(agreement)
         result["judge_agreement_per_particle"] = agreement

@@ -8,8 +8,6 @@ confidence). ``benchmarks/quality.py`` fills its table with these rows; the math
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 
 from pdray.metrics import (
@@ -34,7 +32,7 @@ def set_quality(
     views and the samples in judge features.
     """
     views = torch.cat(particles)
-    colours = [Counter(judge.classify(p)["colour"]).most_common(1)[0][0] for p in particles]
+    colours = [judge.dominant_colour(p) for p in particles]
     hues = [dominant_hue(p) for p in particles]
     row: dict[str, float | list] = {
         "colour_entropy_fraction": colour_entropy(colours) / max_colour_entropy(),

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from pdray.study import METRICS
+
 FIGURES = "figures"
 
 
@@ -132,22 +134,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-REPORT_COLUMNS = (
-    "guidance",
-    "cfg",
-    "particles",
-    "seed",
-    "judge_agreement",
-    "diversity",
-    "colour_entropy_fraction",
-    "distinct_hues",
-    "saturation",
-    "haze",
-    "wall_time_s",
-    "steps_per_s",
-    "judged_colours",
-    "status",
-)
+REPORT_COLUMNS = ("guidance", "cfg", "particles", "seed", *METRICS, "judged_colours", "status")
 
 
 def markdown_table(rows: list[dict[str, Any]], varied: list[str]) -> str:

@@ -73,6 +73,11 @@ class Judge(nn.Module):
             "view": [VIEWS[i] for i in view.argmax(-1).tolist()],
         }
 
+    def dominant_colour(self, images: torch.Tensor) -> str:
+        """The colour the judge names most often over images (one particle's views)."""
+        colours = self.classify(images)["colour"]
+        return max(dict.fromkeys(colours), key=colours.count)
+
     @torch.no_grad()
     def confidence(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
         """Per image, the judge's probability of what the prompt names: p(shape), times p(colour) when the
