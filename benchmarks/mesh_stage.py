@@ -67,7 +67,7 @@ def main() -> None:
         print(f"NeRF stage: {time.perf_counter() - started:.0f}s", flush=True)
     config = load_config(str(run_dir / "config.yaml"), [*args.overrides, "executor=ray"])
 
-    from pdray.cluster.driver import connect
+    from pdray.cluster.connect import connect
     from pdray.cluster.mesh_tasks import run_mesh_ray
 
     connect(config)

@@ -187,31 +187,61 @@ def run(
 
 
 def _execute(run_config, run_dir: Path, resume: bool) -> None:
+    """The NeRF stage (skipped on resume once it is complete), then the mesh stage of every particle not yet meshed.
+
+    A stop (Ctrl-C, SIGTERM, `pdray jobs stop`) ends the NeRF stage after the step in flight with a checkpoint of
+    it, and the mesh stage at once with the meshes finished so far kept; either way `pdray resume` goes on."""
     import json
     import signal
 
     import torch
 
-    def stop(signum, frame):  # SIGTERM checkpoints and exits like Ctrl-C
+    from pdray.mesh_stage import meshed_particles
+    from pdray.run_loop import RunStopped
+
+    def stop(signum, frame):  # outside the NeRF stage's loop (which handles it itself) SIGTERM stops like Ctrl-C
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        if run_config.executor == "ray":
-            from pdray.cluster.driver import run_ray
-
-            summary = run_ray(run_config, run_dir, resume=resume)
+        if resume and nerf_stage_done(run_config, run_dir):
+            typer.echo(f"{run_dir}: the NeRF stage is complete ({run_config.steps} steps)")
         else:
-            from pdray.local_executor import run_local
-
-            summary = run_local(run_config, run_dir, resume=resume)
-    except KeyboardInterrupt:
+            if run_config.executor == "ray":
+                from pdray.cluster.driver import run_ray as run_stage
+            else:
+                from pdray.local_executor import run_local as run_stage
+            summary = run_stage(run_config, run_dir, resume=resume)
+            typer.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
+            typer.echo(f"run folder: {run_dir}")
+        if "mesh" in run_config.stages:
+            done = meshed_particles(run_dir) if resume else set()
+            todo = [pid for pid in range(run_config.particles) if pid not in done]
+            if done:
+                typer.echo(f"mesh stage: particles {sorted(done)} are already meshed")
+            if todo:
+                _mesh(run_config, run_dir, todo)
+    except RunStopped as stopped:
+        typer.echo(f"\n{stopped}", err=True)
         raise typer.Exit(code=130) from None
-    typer.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
-    typer.echo(f"run folder: {run_dir}")
-    if "mesh" in run_config.stages:
-        _mesh(run_config, run_dir, list(range(run_config.particles)))
+    except KeyboardInterrupt:
+        typer.echo(f"\nstopped; the meshes finished so far are kept: continue with `pdray resume {run_dir}`", err=True)
+        raise typer.Exit(code=130) from None
+
+
+def nerf_stage_done(run_config, run_dir: Path) -> bool:
+    """Whether the run folder holds the finished NeRF stage of this config: its last checkpoint and summary."""
+    import json
+
+    from pdray.checkpoint import checkpoint_folder
+
+    try:
+        step = json.loads((checkpoint_folder(run_dir) / "state.json").read_text())["step"]
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return step == run_config.steps and summary.get("steps_done") == run_config.steps
 
 
 def _mesh(run_config, run_dir: Path, particle_ids: list[int]) -> None:

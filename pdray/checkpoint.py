@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pdray.config import RunConfig, config_to_yaml
+from pdray.files import replace_folder
 
 
 def config_digest(config: RunConfig) -> str:
@@ -57,17 +58,13 @@ def save_checkpoint(
     """Write checkpoints/latest atomically: each entry of tensors becomes NAME.safetensors."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    tmp, latest, old = root / "latest.tmp", root / "latest", root / "latest.old"
+    tmp, latest = root / "latest.tmp", root / "latest"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, group in tensors.items():
         save_file(group, str(tmp / f"{name}.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2))
-    shutil.rmtree(old, ignore_errors=True)
-    if latest.exists():
-        latest.rename(old)
-    tmp.rename(latest)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, latest)
     return latest
 
 

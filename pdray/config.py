@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pdray.files import write_text
 from pdray.geometry.hashgrid import GridConfig
 from pdray.geometry.nerf import FieldConfig
 
@@ -368,7 +369,4 @@ def config_to_yaml(config: RunConfig) -> str:
 
 def save_config(config: RunConfig, path: Path) -> None:
     """Write the resolved config as plain YAML, atomically (write, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(config_to_yaml(config))
-    tmp.replace(path)
+    write_text(path, config_to_yaml(config))

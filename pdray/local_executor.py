@@ -1,92 +1,64 @@
-"""The local executor: the whole alternating VSD update in one process, every particle in one batched
-score call. It is the reference the Ray executor is measured against, and reads top to bottom:
+"""The local executor: every particle and the score model in this process, every particle in one batched score
+call. It is the reference the Ray executor is measured against, and one step reads top to bottom:
 
     render every particle -> latents        (ParticleGroup.render)
     score all latents in batched UNet calls  (ScoreEstimator.grads: SDS or VSD)
-    fit the LoRA on the same latents         (ScoreEstimator.lora_update, VSD only)
+    fit the LoRA on the same latents         (ScoreEstimator.lora_update, VSD with a LoRA only)
     backpropagate each gradient and step     (ParticleGroup.apply)
+
+The run loop around it (checkpoints, stop, resume, evaluation) is ``pdray.run_loop``, shared with the Ray executor.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from pdray.checkpoint import config_digest, load_checkpoint, save_checkpoint
-from pdray.config import RunConfig, save_config
-from pdray.evaluate import eval_cameras, evaluate_particles
+from pdray.cameras import Cameras
+from pdray.config import RunConfig
 from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import load_prior
+from pdray.run_loop import run_stage
 from pdray.score import ScoreEstimator
-from pdray.tracking import Tracker, WandbLabels, run_summary
+from pdray.tracking import WandbLabels
+
+
+class LocalExecutor:
+    name = "local"
+    lost: tuple[type[BaseException], ...] = ()  # one process: nothing is lost that could be restored
+
+    def __init__(self, config: RunConfig, run_dir: Path):
+        prior = load_prior(config.prior)
+        self.group = ParticleGroup(config, list(range(config.particles)), prior)
+        self.score = ScoreEstimator(config, prior)
+
+    def step(self, step: int) -> dict[str, float]:
+        render, stats = self.group.render(step)
+        grads, score_stats = self.score.grads(step, render)
+        return stats | score_stats | self.score.lora_update(step, render) | self.group.apply(step, grads[0])
+
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        lora = self.score.state_tensors()
+        return {"particles": self.group.state_tensors(), **({"lora": lora} if lora else {})}
+
+    def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.group.load_state_tensors(tensors["particles"])
+        self.score.load_state_tensors(tensors.get("lora", {}))
+
+    def images(self, cameras: Cameras) -> dict[int, torch.Tensor]:
+        return self.group.images(cameras)
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 def run_local(
     config: RunConfig, run_dir: Path, resume: bool = False, labels: WandbLabels | None = None
 ) -> dict[str, Any]:
-    """Run (or resume) the NeRF / 2D stage in this process and fill the run folder; returns the summary.
-
-    ``labels`` file the W&B run in a group with extra config (a study's cell)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    torch.manual_seed(config.seed)
-    prior = load_prior(config.prior)
-    group = ParticleGroup(config, list(range(config.particles)), prior)
-    score = ScoreEstimator(config, prior)
-    start = 0
-    if resume:
-        info, tensors = load_checkpoint(run_dir)
-        group.load_state_tensors(tensors["particles"])
-        score.load_state_tensors(tensors.get("lora", {}))
-        start = int(info["step"])
-    tracker = Tracker(run_dir, config, resume=resume, labels=labels)
-    started, totals = time.perf_counter(), {}
-    step = start
-    bar = tqdm(
-        range(start, config.steps),
-        desc=f"{config.guidance} x{config.particles}",
-        unit="step",
-        initial=start,
-        total=config.steps,
-    )
-    try:
-        for step in bar:
-            step_started = time.perf_counter()
-            render, stats = group.render(step)
-            grads, score_stats = score.grads(step, render)
-            stats |= score_stats | score.lora_update(step, render) | group.apply(step, grads[0])
-            stats["time/step"] = time.perf_counter() - step_started
-            for k, v in stats.items():
-                if k.startswith("time/"):
-                    totals[k] = totals.get(k, 0.0) + v
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                tracker.log(step + 1, stats)
-                bar.set_postfix({k: f"{stats[k]:.3g}" for k in ("lora_loss", "grad_norm") if k in stats})
-            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-                checkpoint(run_dir, step + 1, group, score, config)
-        step = config.steps
-    except KeyboardInterrupt:
-        checkpoint(run_dir, step, group, score, config)
-        tracker.finish()
-        print(f"\ninterrupted at step {step}: checkpoint saved; continue with `pdray resume {run_dir}`")
-        raise
-    checkpoint(run_dir, config.steps, group, score, config)
-    wall = time.perf_counter() - started
-    summary = run_summary(config, "local", wall, config.steps - start, totals)
-    summary |= evaluate_particles(config, group, run_dir)
-    tracker.log_particles(config.steps, group.images(eval_cameras(config, 4 if config.particle == "nerf" else 1)))
-    tracker.summary(summary)
-    tracker.finish()
-    return summary
-
-
-def checkpoint(run_dir: Path, step: int, group: ParticleGroup, score: ScoreEstimator, config: RunConfig) -> None:
-    tensors = {"particles": group.state_tensors()}
-    lora = score.state_tensors()
-    if lora:
-        tensors["lora"] = lora
-    save_checkpoint(run_dir, step, tensors, {"config_digest": config_digest(config)})
+    """Run (or resume) the NeRF / 2D stage in this process and fill the run folder; returns the summary."""
+    return run_stage(config, run_dir, LocalExecutor, resume=resume, labels=labels)

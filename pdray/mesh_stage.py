@@ -20,7 +20,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,26 +28,22 @@ from pdray.checkpoint import load_particle_tensors
 from pdray.config import RunConfig
 from pdray.distill import drop_nonfinite, surrogate_loss
 from pdray.evaluate import eval_cameras, score_views
+from pdray.files import write_bytes, write_json
 from pdray.geometry.dmtet import DMTet
 from pdray.geometry.mesh import export_mesh, laplacian_smoothness, normal_consistency
 from pdray.imaging import save_gif
-from pdray.particle import NeRFParticle, RenderOut, build_particle, stream, white_background
+from pdray.particle import NeRFParticle, build_particle, white_background
 from pdray.priors.diffusion import DiffusionPrior, load_prior
 from pdray.render.surface import render_color, render_normals
+from pdray.rng import Purpose, Stage, stream
 from pdray.score import ScoreEstimator
+from pdray.types import RenderOut
 
-GEOMETRY, TEXTURE = 0x6E0, 0x7E1
-"""Keys of each stage's random streams (cameras, timesteps, noise), so the two never share a draw."""
 TURNTABLE_FRAMES = 24
 
 
 class MeshStageError(RuntimeError):
     """The mesh stage cannot go on for this particle (no surface at the threshold, geometry collapsed)."""
-
-
-def stage_seed(seed: int, particle_id: int, stage: int) -> int:
-    """A seed of its own for one particle's stage, for the score estimator's timestep and noise streams."""
-    return int(np.random.SeedSequence([seed, particle_id, stage]).generate_state(1)[0])
 
 
 def mesh_folder(run_dir: Path, particle_id: int) -> Path:
@@ -91,19 +86,18 @@ class MeshStage:
         self.mesh_verts: torch.Tensor | None = None  # the fixed geometry of the texture stage
         self.mesh_faces: torch.Tensor | None = None
 
-    def score_estimator(self, guidance: str, cfg: float, stage: int) -> ScoreEstimator:
-        """SDS or VSD with this stage's guidance scale, timestep range and seed; VSD brings a fresh CameraLoRA."""
+    def score_estimator(self, guidance: str, cfg: float, stage: Stage) -> ScoreEstimator:
+        """SDS or VSD with this stage's guidance scale, timestep range and streams; VSD brings a fresh CameraLoRA."""
         update = {
             "guidance": guidance,
             "particle_score": "lora",  # one particle per task: a Gaussian fit to one latent is SDS
             "cfg": cfg,
             "t_range": self.mesh.t_range,
-            "seed": stage_seed(self.config.seed, self.particle_id, stage),
         }
-        return ScoreEstimator(self.config.model_copy(update=update), self.prior)
+        return ScoreEstimator(self.config.model_copy(update=update), self.prior, stage)
 
-    def cameras(self, step: int, stage: int) -> Cameras:
-        generator = stream(self.config.seed, self.particle_id, step, stage)
+    def cameras(self, step: int, stage: Stage) -> Cameras:
+        generator = stream(self.config.seed, stage, Purpose.CAMERA, self.particle_id, step)
         return sample_cameras(self.config.camera.views_per_step, self.ranges, generator)
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
@@ -123,7 +117,7 @@ class MeshStage:
         return stats | {"regularisation": float(regularisation.detach())}
 
     def geometry_step(self, step: int, score: ScoreEstimator) -> dict[str, float]:
-        cams = self.cameras(step, GEOMETRY)
+        cams = self.cameras(step, Stage.GEOMETRY)
         verts, faces = self.dmtet()
         if len(faces) == 0:
             raise MeshStageError(f"particle {self.particle_id}: the surface vanished at geometry step {step}")
@@ -146,7 +140,7 @@ class MeshStage:
         )
 
     def texture_step(self, step: int, score: ScoreEstimator) -> dict[str, float]:
-        cams = self.cameras(step, TEXTURE)
+        cams = self.cameras(step, Stage.TEXTURE)
         z = self.prior.encode(self.render(cams))
         return self._step(z, cams, score, step, torch.zeros((), device=z.device), self.texture_optimizer)
 
@@ -169,7 +163,7 @@ def run_mesh_stage(
 
     began = time.perf_counter()
     if config.mesh.geometry_steps:
-        score = stage.score_estimator("sds", config.mesh.geometry_cfg, GEOMETRY)
+        score = stage.score_estimator("sds", config.mesh.geometry_cfg, Stage.GEOMETRY)
         for step in tqdm(range(config.mesh.geometry_steps), desc=f"geometry {particle_id}", **bar_args):
             last["geometry"] = stage.geometry_step(step, score)
     stage.fix_geometry()
@@ -177,7 +171,7 @@ def run_mesh_stage(
 
     began = time.perf_counter()
     if config.mesh.texture_steps:
-        score = stage.score_estimator("vsd", config.mesh.texture_cfg, TEXTURE)
+        score = stage.score_estimator("vsd", config.mesh.texture_cfg, Stage.TEXTURE)
         for step in tqdm(range(config.mesh.texture_steps), desc=f"texture {particle_id}", **bar_args):
             last["texture"] = stage.texture_step(step, score)
     times["texture"] = time.perf_counter() - began
@@ -207,6 +201,12 @@ def run_mesh_local(config: RunConfig, run_dir: Path, particle_ids: list[int]) ->
     particle goes on. Returns (and records in summary.json) ``{"particles": ..., "failed": ..., ...}``."""
     started = time.perf_counter()
     results, failed = {}, {}
+
+    def record() -> dict[str, Any]:
+        return record_mesh_summary(
+            run_dir, mesh_summary(config, "local", results, failed, time.perf_counter() - started)
+        )
+
     for pid in tqdm(particle_ids, desc="mesh", unit="particle"):
         try:
             _, tensors = load_particle_tensors(run_dir, pid)
@@ -215,7 +215,17 @@ def run_mesh_local(config: RunConfig, run_dir: Path, particle_ids: list[int]) ->
         except Exception as err:  # one broken particle must not cost the others
             failed[pid] = f"{err.__class__.__name__}: {err}"
             tqdm.write(f"mesh stage of particle {pid} failed:\n{traceback.format_exc()}")
-    return record_mesh_summary(run_dir, mesh_summary(config, "local", results, failed, time.perf_counter() - started))
+        record()  # after each particle, so a stop keeps every mesh finished (``meshed_particles``)
+    return record()
+
+
+def meshed_particles(run_dir: Path) -> set[int]:
+    """The particles whose mesh stage finished (recorded in summary.json, files in place): a resume skips them."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return set()
+    recorded = json.loads(path.read_text()).get("mesh", {}).get("particles", {})
+    return {int(pid) for pid in recorded if (mesh_folder(run_dir, int(pid)) / "model.glb").exists()}
 
 
 def mesh_summary(
@@ -238,11 +248,8 @@ def _by_particle(items: dict) -> dict[str, Any]:
 
 def write_files(folder: Path, files: dict[str, bytes]) -> None:
     """Write each named file into ``folder`` atomically (write beside it, then rename)."""
-    folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(folder / name)
+        write_bytes(folder / name, data)
 
 
 def record_mesh_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -256,7 +263,5 @@ def record_mesh_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any
         "particles": _by_particle(particles | summary["particles"]),
         "failed": _by_particle(failed | summary["failed"]),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    write_json(path, data)
     return data["mesh"]

@@ -8,9 +8,7 @@ the local executor) drives: ``render(step)`` then ``apply(step, grads)``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from pdray.cameras import CameraRanges, Cameras, camera_rays, sample_cameras
@@ -20,22 +18,8 @@ from pdray.distill import drop_nonfinite, surrogate_loss
 from pdray.geometry.nerf import BackgroundField, NeRFField
 from pdray.priors.diffusion import DiffusionPrior
 from pdray.render.volume import opacity_entropy_loss, orientation_loss, render_volume, sparsity_loss
-
-
-def stream(*keys: int) -> torch.Generator:
-    """A generator determined by integer keys (run seed, particle id, step...): resumable without saved RNG state."""
-    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
-
-
-@dataclass
-class RenderOut:
-    """What a particle group sends to the score estimator: detached latents and their cameras."""
-
-    latents: torch.Tensor  # [V_total, C, h, w], detached, on the CPU
-    c2w: torch.Tensor  # [V_total, 4, 4]; zeros for 2D particles (no camera)
-    view_labels: list[str | None]  # prompt suffix label per latent (None: no suffix)
-    particle_ids: list[int]  # which particle each latent belongs to
+from pdray.rng import SHARED, Purpose, Stage, seeded_global, stream
+from pdray.types import RenderOut
 
 
 class Particle:
@@ -95,8 +79,9 @@ class ImageParticle(Particle):
 
     has_cameras = False
 
-    def __init__(self, config: RunConfig, prior: DiffusionPrior, generator: torch.Generator):
+    def __init__(self, config: RunConfig, prior: DiffusionPrior, particle_id: int):
         self.space = config.image.space
+        generator = stream(config.seed, Stage.NERF, Purpose.INIT, particle_id, 0)
         res = prior.image_resolution
         if self.space == "latent":
             size = res // prior.vae_scale
@@ -135,10 +120,10 @@ def white_background(dirs: torch.Tensor) -> torch.Tensor:
 class NeRFParticle(Particle):
     """A NeRF (density + albedo field and a background) rendered by ray marching, encoded by the VAE."""
 
-    def __init__(self, config: RunConfig, prior: DiffusionPrior, generator: torch.Generator):
+    def __init__(self, config: RunConfig, prior: DiffusionPrior, particle_id: int):
         self.config = config.nerf
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        self.field = NeRFField(self.config.field).to(prior.device)
+        with seeded_global(config.seed, Stage.NERF, Purpose.INIT, particle_id):
+            self.field = NeRFField(self.config.field).to(prior.device)
         groups = [
             {"params": self.field.encoding.parameters(), "lr": self.config.lr_grid},
             {"params": self.field.mlp.parameters(), "lr": self.config.lr_net},
@@ -200,12 +185,8 @@ class NeRFParticle(Particle):
 
 
 def build_particle(config: RunConfig, prior: DiffusionPrior, particle_id: int) -> Particle:
-    generator = stream(config.seed, particle_id, 0xA11CE)
-    return (
-        ImageParticle(config, prior, generator)
-        if config.particle == "image"
-        else NeRFParticle(config, prior, generator)
-    )
+    kind = ImageParticle if config.particle == "image" else NeRFParticle
+    return kind(config, prior, particle_id)
 
 
 class ParticleGroup:
@@ -221,15 +202,18 @@ class ParticleGroup:
     def cameras(self, particle_id: int, step: int) -> Cameras:
         """The cameras particle ``particle_id`` sees at ``step``: a pure function of (seed, id, step), or of
         (seed, step) alone when cameras are shared by all particles."""
-        key = (self.config.seed, 0xCA3E5A, step) if self.config.camera.shared else (self.config.seed, particle_id, step)
-        return sample_cameras(self.config.camera.views_per_step, self.ranges, stream(*key))
+        owner = SHARED if self.config.camera.shared else particle_id
+        generator = stream(self.config.seed, Stage.NERF, Purpose.CAMERA, owner, step)
+        return sample_cameras(self.config.camera.views_per_step, self.ranges, generator)
 
     def render(self, step: int) -> tuple[RenderOut, dict[str, float]]:
         started, clock = time.perf_counter(), {"encode": 0.0}
         latents, c2w, labels, owners = [], [], [], []
         for pid, particle in self.particles.items():
             cams = self.cameras(pid, step)
-            z = particle.latents(cams, self.prior, stream(self.config.seed, pid, step, 1), clock)
+            z = particle.latents(
+                cams, self.prior, stream(self.config.seed, Stage.NERF, Purpose.RENDER, pid, step), clock
+            )
             self._pending[pid] = z
             latents.append(z.detach().float().cpu())
             if particle.has_cameras:

@@ -16,17 +16,34 @@ import torch
 from pdray.checkpoint import load_optimizer_tensors, optimizer_tensors
 from pdray.config import RunConfig
 from pdray.distill import gaussian_eps, sample_timesteps, sds_grad, t_bounds, vsd_grad
-from pdray.particle import RenderOut, stream
 from pdray.priors.diffusion import DiffusionPrior
-from pdray.priors.lora import CameraLoRA
+from pdray.priors.lora import CameraLoRA, LoraDraw
 from pdray.prompts import view_prompt
+from pdray.rng import SHARED, Purpose, Stage, seed_of, stream
+from pdray.types import RenderOut
+
+
+def particle_runs(owners: list[int]) -> list[tuple[int, slice]]:
+    """(particle id, slice) for each particle's contiguous run of latents; a particle split in two is an error,
+    since each particle draws its timesteps and noise from its own stream, in order."""
+    runs: list[tuple[int, slice]] = []
+    for i, pid in enumerate(owners):
+        if runs and runs[-1][0] == pid:
+            runs[-1] = (pid, slice(runs[-1][1].start, i + 1))
+        elif any(r[0] == pid for r in runs):
+            raise ValueError(f"the latents of particle {pid} are not contiguous")
+        else:
+            runs.append((pid, slice(i, i + 1)))
+    return runs
 
 
 class ScoreEstimator:
-    def __init__(self, config: RunConfig, prior: DiffusionPrior):
-        self.config, self.prior = config, prior
+    def __init__(self, config: RunConfig, prior: DiffusionPrior, stage: Stage = Stage.NERF):
+        """``stage`` keys the random streams (the mesh stage's score estimators draw apart from the NeRF's)."""
+        self.config, self.prior, self.stage = config, prior, stage
         trains_lora = config.guidance == "vsd" and config.particle_score == "lora"
-        self.lora = CameraLoRA(prior, config.lora, seed=config.seed) if trains_lora else None
+        init_seed = seed_of(config.seed, stage, Purpose.LORA_INIT, SHARED, 0)
+        self.lora = CameraLoRA(prior, config.lora, init_seed=init_seed) if trains_lora else None
 
     def prompts(self, view_labels: list[str | None]) -> list[str]:
         """The prompt per latent, with DreamFusion's view suffix when view-dependent prompting is on."""
@@ -34,22 +51,30 @@ class ScoreEstimator:
             return [self.config.prompt] * len(view_labels)
         return [view_prompt(self.config.prompt, v) for v in view_labels]
 
-    def _gather(self, renders: tuple[RenderOut, ...]) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
+    def _gather(self, renders: tuple[RenderOut, ...]) -> tuple[torch.Tensor, torch.Tensor, list[str | None], list]:
         latents = torch.cat([r.latents for r in renders]).to(self.prior.device, torch.float32)
         c2w = torch.cat([r.c2w for r in renders]).to(self.prior.device)
         labels = [label for r in renders for label in r.view_labels]
-        return latents, c2w, labels
+        return latents, c2w, labels, particle_runs([pid for r in renders for pid in r.particle_ids])
+
+    def _score_draws(self, step: int, z: torch.Tensor, runs, bounds) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps [n] and noise like z, each particle's from its own stream (seed, stage, SCORE, particle, step)."""
+        ts, noises = [], []
+        for pid, sl in runs:
+            generator = stream(self.config.seed, self.stage, Purpose.SCORE, pid, step)
+            m = sl.stop - sl.start
+            ts.append(sample_timesteps(m, bounds, self.prior.num_train_timesteps, generator))
+            noises.append(torch.randn((m, *z.shape[1:]), generator=generator))
+        return torch.cat(ts).to(self.prior.device), torch.cat(noises).to(self.prior.device)
 
     @torch.no_grad()
     def grads(self, step: int, *renders: RenderOut) -> tuple[list[torch.Tensor], dict[str, float]]:
         """One gradient [V_i, C, h, w] per RenderOut, computed in UNet calls of at most score_batch_size latents."""
         started = time.perf_counter()
-        z, c2w, labels = self._gather(renders)
+        z, c2w, labels, runs = self._gather(renders)
         n = z.shape[0]
-        generator = stream(self.config.seed, step, 0x5C0)
         bounds = t_bounds(step, self.config.t_range.start, self.config.t_range.end, self.config.t_range.at_step)
-        t = sample_timesteps(n, bounds, self.prior.num_train_timesteps, generator).to(self.prior.device)
-        noise = torch.randn(z.shape, generator=generator).to(self.prior.device)
+        t, noise = self._score_draws(step, z, runs, bounds)
         x_t = self.prior.add_noise(z, noise, t)
         cond = self.prior.embed(self.prompts(labels))
         uncond = self.prior.embed([self.config.negative_prompt] * n)
@@ -84,18 +109,22 @@ class ScoreEstimator:
         return list(grad.split(sizes)), stats
 
     def lora_update(self, step: int, *renders: RenderOut) -> dict[str, float]:
-        """steps_per_update LoRA steps on the renders' detached latents (VSD with a LoRA); nothing otherwise."""
+        """lora.steps_per_update LoRA steps, each on every detached latent of the renders (VSD with a LoRA);
+        nothing otherwise. score_batch_size only chunks the work: the update is the same for any value."""
         if self.lora is None:
             return {}
         started = time.perf_counter()
-        z, c2w, labels = self._gather(renders)
+        z, c2w, labels, runs = self._gather(renders)
         cond = self.prior.embed(self.prompts(labels))
         losses = []
         for k in range(self.config.lora.steps_per_update):
-            generator = stream(self.config.seed, step, k, 0x10A)
-            for s in range(0, z.shape[0], self.config.score_batch_size):
-                sl = slice(s, s + self.config.score_batch_size)
-                losses.append(self.lora.train_step(z[sl], cond[sl], c2w[sl], generator))
+            draw = LoraDraw.cat(
+                [
+                    self.lora.draw(z[sl], stream(self.config.seed, self.stage, Purpose.LORA, pid, step, k))
+                    for pid, sl in runs
+                ]
+            )
+            losses.append(self.lora.train_step(z, cond, c2w, draw, self.config.score_batch_size))
         return {"lora_loss": sum(losses) / len(losses), "time/lora_update": time.perf_counter() - started}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pdray.config import ConfigError, RunConfig, config_to_yaml, load_config
+from pdray.files import write_bytes, write_text
 
 METRICS = (
     "judge_agreement",
@@ -181,16 +182,9 @@ def study_row(cell: Cell, summary: dict[str, Any] | None, **extra: Any) -> dict[
     return row | extra
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_table(study_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """study.json (meta + rows) and study.csv (rows), each written atomically."""
-    _atomic_write_text(study_dir / "study.json", json.dumps({**meta, "cells": rows}, indent=2))
+    write_text(study_dir / "study.json", json.dumps({**meta, "cells": rows}, indent=2))
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -198,7 +192,7 @@ def write_table(study_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(study_dir / "study.csv", buffer.getvalue())
+    write_text(study_dir / "study.csv", buffer.getvalue())
 
 
 def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
@@ -206,11 +200,7 @@ def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     for rel in sorted(files, key=lambda r: r == "summary.json"):
-        path = run_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(files[rel])
-        tmp.replace(path)
+        write_bytes(run_dir / rel, files[rel])
 
 
 def run_study(spec: StudySpec, study_dir: Path, resume: bool = False) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pdray.files import atomic_path, write_text
 from pdray.study import METRICS
 
 FIGURES = "figures"
@@ -115,14 +116,13 @@ def contact_sheet(study_dir: Path, rows: list[dict[str, Any]], plt) -> Path | No
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    fig.clf()
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    fig.clf()
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -170,7 +170,5 @@ def write_report(study_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any
         parts.append(f"- `{row['cell']}` failed: {row.get('error', '')}")
     parts += [f"![{p.stem}]({p.relative_to(study_dir).as_posix()})\n" for p in figures]
     path = study_dir / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(parts) + "\n")
-    tmp.replace(path)
+    write_text(path, "\n".join(parts) + "\n")
     return path

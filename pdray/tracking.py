@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pdray.config import RunConfig
+from pdray.files import write_json
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,7 @@ class Tracker:
         self.wandb.log({"vsd_step": step, "particles": table})
 
     def summary(self, data: dict[str, Any]) -> None:
-        path = self.run_dir / "summary.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
+        write_json(self.run_dir / "summary.json", data)
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in data.items() if isinstance(v, (int, float, str))})
 

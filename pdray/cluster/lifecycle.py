@@ -17,6 +17,8 @@ import ray
 import torch
 from ray.exceptions import RayError, RayTaskError
 
+from pdray.cluster.memory import peak_memory
+
 NICENESS = "RAY_worker_niceness"  # read by every Ray worker process at start; Ray's default is 15
 
 
@@ -51,6 +53,27 @@ def start_actor(num_cpus: float) -> bool:
     with warnings.catch_warnings():  # Ray 2.60's own property reads its deprecated ``actor_id``
         warnings.simplefilter("ignore", DeprecationWarning)
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+class ActorBase:
+    """What every pdray actor shares: threads sized at start, where it runs, its peak memory, and the refusal of a
+    restarted actor to work before the driver restores a checkpoint into it (``restored``)."""
+
+    def __init__(self, num_cpus: float, what: str):
+        self.lost_state, self._what = start_actor(num_cpus), what
+
+    def check(self) -> None:
+        if self.lost_state:
+            raise LostStateError(f"{self._what} was restarted and awaits a checkpoint")
+
+    def restored(self) -> None:
+        self.lost_state = False
+
+    def location(self) -> dict[str, str | int]:
+        return actor_location()
+
+    def memory(self) -> dict[str, float]:
+        return peak_memory()
 
 
 def describe_task_error(err: RayError) -> str:

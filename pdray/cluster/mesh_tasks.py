@@ -24,7 +24,7 @@ from ray.exceptions import RayError
 from tqdm.auto import tqdm
 
 from pdray.checkpoint import load_particle_tensors
-from pdray.cluster.driver import cluster_resources, connect
+from pdray.cluster.connect import cluster_resources, connect
 from pdray.cluster.lifecycle import actor_runtime_env, actor_threads, describe_task_error
 from pdray.cluster.placement import Resources
 from pdray.config import RunConfig
@@ -69,19 +69,29 @@ def run_mesh_ray(config: RunConfig, run_dir: Path, particle_ids: list[int]) -> d
             continue
         owner[task.remote(spec, tensors, pid, cpus)] = pid
     pending = list(owner)
-    with tqdm(total=len(particle_ids), initial=len(failed), desc=f"mesh x{len(particle_ids)} (ray)") as bar:
-        while pending:
-            (done,), pending = ray.wait(pending, num_returns=1)
-            pid = owner[done]
-            try:
-                result, files = ray.get(done)
-                folder = mesh_folder(run_dir, pid)
-                write_files(folder, files)
-                results[pid] = result | {"folder": str(folder)}
-            except RayError as err:
-                failed[pid] = describe_task_error(err)
-                tqdm.write(f"mesh stage of particle {pid} failed: {failed[pid]}")
-            bar.update(1)
-    summary = mesh_summary(config, "ray", results, failed, time.perf_counter() - started)
-    summary["task_resources"] = {"cpus": cpus, "gpus": gpus}
-    return record_mesh_summary(run_dir, summary)
+
+    def record() -> dict[str, Any]:
+        summary = mesh_summary(config, "ray", results, failed, time.perf_counter() - started)
+        summary["task_resources"] = {"cpus": cpus, "gpus": gpus}
+        return record_mesh_summary(run_dir, summary)
+
+    try:
+        with tqdm(total=len(particle_ids), initial=len(failed), desc=f"mesh x{len(particle_ids)} (ray)") as bar:
+            while pending:
+                (done,), pending = ray.wait(pending, num_returns=1)
+                pid = owner[done]
+                try:
+                    result, files = ray.get(done)
+                    folder = mesh_folder(run_dir, pid)
+                    write_files(folder, files)
+                    results[pid] = result | {"folder": str(folder)}
+                except RayError as err:
+                    failed[pid] = describe_task_error(err)
+                    tqdm.write(f"mesh stage of particle {pid} failed: {failed[pid]}")
+                record()  # after each particle, so a stop keeps every mesh finished
+                bar.update(1)
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    return record()

@@ -11,48 +11,38 @@ import ray
 import torch
 
 from pdray.cameras import Cameras
-from pdray.cluster.lifecycle import LostStateError, actor_location, start_actor
-from pdray.cluster.memory import peak_memory
+from pdray.cluster.lifecycle import ActorBase
 from pdray.config import RunConfig
-from pdray.particle import ParticleGroup, RenderOut
+from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import load_prior
+from pdray.types import RenderOut
 
 
 @ray.remote
-class ParticleActor:
+class ParticleActor(ActorBase):
     def __init__(self, config: dict, particle_ids: list[int], num_cpus: float):
-        self.lost_state = start_actor(num_cpus)
+        super().__init__(num_cpus, f"particles {particle_ids}")
         self.config = RunConfig.model_validate(config)
         prior = load_prior(self.config.prior, vae_only=True)
         self.group = ParticleGroup(self.config, particle_ids, prior)
 
-    def _check(self) -> None:
-        if self.lost_state:
-            raise LostStateError(f"particles {self.group.particle_ids} were restarted and await a checkpoint")
-
-    def location(self) -> dict[str, str | int]:
-        return actor_location()
-
-    def memory(self) -> dict[str, float]:
-        return peak_memory()
-
     @ray.method(num_returns=2)
     def render(self, step: int) -> tuple[RenderOut, dict[str, float]]:
-        self._check()
+        self.check()
         return self.group.render(step)
 
     def apply(self, step: int, grads: torch.Tensor) -> dict[str, float]:
-        self._check()
+        self.check()
         return self.group.apply(step, grads)
 
     def images(self, cameras: Cameras) -> dict[int, torch.Tensor]:
-        self._check()
+        self.check()
         return self.group.images(cameras)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        self._check()
+        self.check()
         return self.group.state_tensors()
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.group.load_state_tensors(tensors)
-        self.lost_state = False
+        self.restored()

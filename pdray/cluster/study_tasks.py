@@ -26,7 +26,7 @@ import torch
 from ray.exceptions import RayError
 from tqdm.auto import tqdm
 
-from pdray.cluster.driver import cluster_resources, connect
+from pdray.cluster.connect import cluster_resources, connect
 from pdray.cluster.lifecycle import actor_runtime_env, actor_threads, describe_task_error
 from pdray.config import RunConfig
 from pdray.tracking import WandbLabels, flush_wandb

@@ -9,7 +9,6 @@ in black at the seams. Texture rows run top to bottom and UVs follow trimesh's (
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import trimesh
 import xatlas
 from PIL import Image
 
+from pdray.files import write_bytes
 from pdray.render.raster import interpolate, rasterize
 
 ColorFn = Callable[[torch.Tensor], torch.Tensor]
@@ -125,13 +125,6 @@ def _fill_empty_texels(image: torch.Tensor, covered: torch.Tensor) -> torch.Tens
     return rgb[0].permute(1, 2, 0)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside ``path``, then rename: readers never see a half-written file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 @torch.no_grad()
 def export_mesh(
     verts: torch.Tensor,
@@ -178,7 +171,7 @@ def export_mesh(
         mesh, include_normals=False, include_texture=True, return_texture=True, mtl_name="model.mtl"
     )
     for name, data in obj_files.items():
-        _write_atomic(folder / name, data)
-    _write_atomic(folder / "model.obj", obj_text.encode())
-    _write_atomic(folder / "model.glb", mesh.export(file_type="glb"))
+        write_bytes(folder / name, data)
+    write_bytes(folder / "model.obj", obj_text.encode())
+    write_bytes(folder / "model.glb", mesh.export(file_type="glb"))
     return MeshStats(len(uv_faces), len(vmapping), watertight, texture_size)

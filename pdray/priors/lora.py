@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -25,12 +26,31 @@ TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 CAMERA_DIM = 16
 
 
+@dataclass
+class LoraDraw:
+    """The random inputs of one LoRA training step: timesteps [B], noise [B, C, h, w], camera keep-mask [B]."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    keep: torch.Tensor
+
+    @staticmethod
+    def cat(draws: list[LoraDraw]) -> LoraDraw:
+        return LoraDraw(*(torch.cat([getattr(d, k) for d in draws]) for k in ("t", "noise", "keep")))
+
+
 class CameraLoRA:
     """LoRA + camera embedding on a UNet, with its own AdamW; predicts eps and trains on particle latents."""
 
-    def __init__(self, prior: DiffusionPrior, config: LoraConfig, seed: int = 0):
+    def __init__(self, prior: DiffusionPrior, config: LoraConfig, init_seed: int = 0):
+        """``init_seed`` seeds the adapter's initial weights (torch's global state is put back afterwards)."""
         self.prior, self.config = prior, config
-        torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self._build()
+
+    def _build(self) -> None:
+        prior, config = self.prior, self.config
         if config.base == "same":
             self.unet, self.prediction_type = prior.unet, prior.prediction_type
         else:
@@ -105,27 +125,38 @@ class CameraLoRA:
             eps_u, eps_c = self._to_eps(torch.cat([x_t, x_t]), out, torch.cat([t, t])).chunk(2)
             return eps_u + self.config.cfg * (eps_c - eps_u)
 
-    def train_step(
-        self, latents: torch.Tensor, cond: torch.Tensor, c2w: torch.Tensor, generator: torch.Generator
-    ) -> float:
-        """One AdamW step of the diffusion loss on detached particle latents, fresh t and noise; camera dropped
-        with probability camera_dropout. Returns the loss."""
-        latents = latents.detach().to(self.prior.device, torch.float32)
+    def draw(self, latents: torch.Tensor, generator: torch.Generator) -> LoraDraw:
+        """The random part of a training step for ``latents`` [B, ...]: timesteps, noise and camera keep-mask."""
         b = latents.shape[0]
-        t = torch.randint(0, self.prior.num_train_timesteps, (b,), generator=generator).to(self.prior.device)
-        noise = torch.randn(latents.shape, generator=generator).to(self.prior.device)
-        x_t = self.prior.add_noise(latents, noise, t)
-        labels = self._camera_labels(c2w)
-        if labels is not None:
-            keep = (torch.rand(b, generator=generator) >= self.config.camera_dropout).to(labels)
-            labels = labels * keep[:, None]
-        target = noise if self.prediction_type == "epsilon" else v_from_eps(x_t, noise, self.prior.alpha_bar(t))
+        t = torch.randint(0, self.prior.num_train_timesteps, (b,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        keep = torch.rand(b, generator=generator) >= self.config.camera_dropout
+        return LoraDraw(t, noise, keep)
+
+    def train_step(
+        self, latents: torch.Tensor, cond: torch.Tensor, c2w: torch.Tensor, draw: LoraDraw, batch_size: int
+    ) -> float:
+        """One AdamW step of the diffusion loss, averaged over every latent (detached particle latents with the
+        draw's t and noise; camera dropped where the draw says). The loss is accumulated over chunks of at most
+        ``batch_size`` latents, so the batch size bounds memory and does not change the update. Returns the loss."""
+        device = self.prior.device
+        latents = latents.detach().to(device, torch.float32)
+        n, total = latents.shape[0], 0.0
+        self.optimizer.zero_grad(set_to_none=True)
         with self.active() as unet:  # backward inside: peft freezes LoRA weights again on exit
-            loss = lora_loss(self._forward(unet, x_t, t, cond, labels), target)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for s in range(0, n, batch_size):
+                sl = slice(s, s + batch_size)
+                t, noise = draw.t[sl].to(device), draw.noise[sl].to(device)
+                x_t = self.prior.add_noise(latents[sl], noise, t)
+                labels = self._camera_labels(c2w[sl])
+                if labels is not None:
+                    labels = labels * draw.keep[sl].to(labels)[:, None]
+                target = noise if self.prediction_type == "epsilon" else v_from_eps(x_t, noise, self.prior.alpha_bar(t))
+                loss = lora_loss(self._forward(unet, x_t, t, cond[sl], labels), target) * (x_t.shape[0] / n)
+                loss.backward()
+                total += float(loss.detach())
             self.optimizer.step()
-        return float(loss.detach())
+        return total
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """LoRA weights and camera embedding by name (safetensors-ready)."""

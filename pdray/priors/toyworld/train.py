@@ -21,6 +21,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
+from pdray.files import replace_folder
 from pdray.priors.diffusion import resolve_model
 from pdray.priors.toyworld import model as toy
 from pdray.priors.toyworld.captions import caption_variants
@@ -208,7 +209,7 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, pool: dict[str, torch
 
 def write_prior(out: Path, parts: dict, report: dict) -> None:
     """Write the prior folder atomically: into out.tmp, then swapped in for out."""
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
@@ -216,11 +217,7 @@ def write_prior(out: Path, parts: dict, report: dict) -> None:
     toy.write_model_index(tmp)
     save_judge(parts["judge"], tmp / "judge")
     (tmp / "training.json").write_text(json.dumps(report, indent=2))
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, out)
 
 
 def train_toy_prior(out: Path, cfg: ToyTrainConfig) -> dict:

@@ -1,0 +1,25 @@
+"""Data passed between the particle side and the score side, so neither imports the other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RenderOut:
+    """What a particle group sends to the score estimator: detached latents and their cameras."""
+
+    latents: torch.Tensor  # [V_total, C, h, w], detached, on the CPU
+    c2w: torch.Tensor  # [V_total, 4, 4]; zeros for 2D particles (no camera)
+    view_labels: list[str | None]  # prompt suffix label per latent (None: no suffix)
+    particle_ids: list[int]  # which particle each latent belongs to
+
+    def __post_init__(self) -> None:
+        n = self.latents.shape[0]
+        if not (self.c2w.shape[0] == len(self.view_labels) == len(self.particle_ids) == n):
+            raise ValueError(
+                f"RenderOut: {n} latents but {self.c2w.shape[0]} cameras, {len(self.view_labels)} labels "
+                f"and {len(self.particle_ids)} owners"
+            )
