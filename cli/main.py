@@ -79,6 +79,8 @@ def sample(
     from pdray.priors.diffusion import DiffusionPrior
     from pdray.priors.sampling import image_grid, sample_images
 
+    if not prompt.strip():
+        fail("--prompt is empty; say what to sample, e.g. --prompt 'a cube'")
     if out.suffix.lower() != ".png":
         fail(f"--out must be a .png file, got {out}")
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -33,8 +33,15 @@ def study(
     resume: Annotated[bool, typer.Option("--resume", help="Skip cells whose run already finished.")] = False,
 ) -> None:
     """Run a grid of runs (e.g. guidance x cfg x particles x seeds) on Ray and write the diversity study."""
+    import signal
+
     from pdray.config import ConfigError
     from pdray.study import StudySpec, parse_vary, run_study
+
+    def stop(signum, frame):  # SIGTERM (`kill`, a scheduler) cleans up like Ctrl-C: cells cancelled, scratch removed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
 
     if cpus_per_cell <= 0 or (gpus_per_cell is not None and gpus_per_cell < 0):
         raise ConfigError("--cpus-per-cell must be > 0 and --gpus-per-cell >= 0")

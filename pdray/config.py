@@ -25,6 +25,7 @@ PRESETS_PACKAGE = "pdray.configs"
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Unit = Annotated[float, Field(gt=0.0, lt=1.0)]
+Positive = Annotated[float, Field(gt=0.0)]
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,9 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False
+    )
 
 
 class PriorConfig(Section):
@@ -45,7 +48,7 @@ class PriorConfig(Section):
 
 
 class TRange(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     start: tuple[Unit, Unit] = (0.02, 0.98)
     """Range of t / T sampled before ``at_step``."""
@@ -83,24 +86,39 @@ class LoraConfig(Section):
 
 
 class CameraConfig(Section):
-    elevation: tuple[float, float] = (-10.0, 45.0)
+    elevation: tuple[Annotated[float, Field(ge=-90, le=90)], Annotated[float, Field(ge=-90, le=90)]] = (-10.0, 45.0)
     """Elevation range, degrees."""
-    azimuth: tuple[float, float] = (-180.0, 180.0)
+    azimuth: tuple[Annotated[float, Field(ge=-360, le=360)], Annotated[float, Field(ge=-360, le=360)]] = (
+        -180.0,
+        180.0,
+    )
     """Azimuth range, degrees (0 looks at the object's front)."""
-    distance: tuple[float, float] = (1.3, 1.7)
+    distance: tuple[Positive, Positive] = (1.3, 1.7)
     """Camera distance range, world units (objects live in a sphere of radius 1)."""
-    fov: tuple[float, float] = (40.0, 50.0)
+    fov: tuple[Annotated[float, Field(gt=0, lt=180)], Annotated[float, Field(gt=0, lt=180)]] = (40.0, 50.0)
     """Vertical field of view range, degrees."""
     views_per_step: Annotated[int, Field(ge=1)] = 1
     """Cameras rendered per particle per step."""
     shared: bool = True
     """Every particle sees the same cameras at a step, so their renders form one sample of q(x | c) per camera."""
 
+    @field_validator("elevation", "azimuth", "distance", "fov")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError(f"must be [low, high] with low <= high, got [{value[0]}, {value[1]}]")
+        return value
+
 
 class NerfConfig(Section):
+    # The defaults below are sized for the toy world on a 2-core CPU and were measured on "a cube" x8 (README,
+    # "VSD that delivers"): the world's objects are 0.3-0.42 across, so the initial blob is too; sparsity and
+    # opacity-entropy regularisers at weight 30 clear the fog around them; a fast dense grid at lr 3e-2 carves the
+    # shape within 400 steps. The `prolificdreamer` preset sets the paper's values.
     field: FieldConfig = FieldConfig(
         grid=GridConfig(kind="dense", backend="auto", n_levels=3, base_resolution=16, per_level_scale=2.0),
         hidden_dim=32,
+        blob_radius=0.4,
     )
     """The density / albedo field (grid encoding + MLP)."""
     resolution: Annotated[int, Field(ge=8)] = 32
@@ -109,17 +127,17 @@ class NerfConfig(Section):
     """Stratified samples per ray."""
     shading: Literal["albedo", "lambertian", "textureless"] = "albedo"
     """Shading of renders during distillation."""
-    background: Literal["learned", "white"] = "learned"
+    background: Literal["learned", "white"] = "white"
     """The background behind the object: an MLP on the view direction, or plain white (the toy world's)."""
     random_background_prob: Probability = 0.0
     """Probability of a random solid background colour per render."""
-    lr_grid: Annotated[float, Field(gt=0)] = 1e-2
+    lr_grid: Annotated[float, Field(gt=0)] = 3e-2
     """Adam learning rate of the grid encoding (paper: 1e-2)."""
     lr_net: Annotated[float, Field(gt=0)] = 1e-3
     """Adam learning rate of the MLPs (paper: 1e-3)."""
-    sparsity_weight: Annotated[float, Field(ge=0)] = 0.0
+    sparsity_weight: Annotated[float, Field(ge=0)] = 30.0
     """Weight of the opacity sparsity regulariser."""
-    opacity_entropy_weight: Annotated[float, Field(ge=0)] = 0.0
+    opacity_entropy_weight: Annotated[float, Field(ge=0)] = 30.0
     """Weight of the opacity binary-entropy regulariser."""
     orientation_weight: Annotated[float, Field(ge=0)] = 0.0
     """Weight of DreamFusion's orientation regulariser (needs normals)."""
@@ -146,7 +164,7 @@ class RayConfig(Section):
 class MeshConfig(Section):
     tet_resolution: Annotated[int, Field(ge=2)] = 32
     """Cells per side of the DMTet grid (paper: 128)."""
-    threshold: float = 2.0
+    threshold: Positive = 2.0
     """NeRF density at which the surface is extracted: inside where density > threshold (paper: 25)."""
     geometry_steps: Annotated[int, Field(ge=0)] = 100
     """Geometry fine-tune steps: SDS on rendered normal maps (paper: 15000)."""
@@ -176,7 +194,7 @@ class MeshConfig(Section):
 
 class RunConfig(Section):
     prompt: str = "a cube"
-    """The text prompt."""
+    """The text prompt (not empty)."""
     negative_prompt: str = ""
     """The negative prompt (the unconditional branch of classifier-free guidance)."""
     particles: Annotated[int, Field(ge=1, le=4096)] = 4
@@ -227,6 +245,13 @@ class RunConfig(Section):
     wandb: Literal["offline", "online", "off"] = "offline"
     """W&B mode; online reads WANDB_API_KEY from the environment."""
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_says_something(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; say what to make, e.g. --prompt 'a cube'")
+        return value
+
     @field_validator("wandb", mode="before")
     @classmethod
     def _off_is_a_word(cls, value: Any) -> Any:
@@ -235,13 +260,11 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _stages_in_order(self) -> RunConfig:
         if self.stages not in (["nerf"], ["nerf", "mesh"]):
-            raise ValueError(f"stages must be [nerf] or [nerf, mesh], got {self.stages}")
+            raise ValueError(f"stages: must be [nerf] or [nerf, mesh], in that order; got {self.stages}")
         if self.guidance == "vsd" and self.particle_score != "lora" and not self.camera.shared:
             raise ValueError("particle_score: gaussian needs camera.shared: true (one fit per shared camera)")
         if "mesh" in self.stages and self.particle != "nerf":
-            if "stages" in self.model_fields_set:
-                raise ValueError("stages: the mesh stage needs NeRF particles (particle: nerf)")
-            self.__dict__["stages"] = ["nerf"]  # the default stages of image particles: no mesh to make
+            raise ValueError("stages: the mesh stage needs NeRF particles; image particles take stages=[nerf]")
         return self
 
 
@@ -346,6 +369,9 @@ def validate(data: dict[str, Any]) -> RunConfig:
         key = ".".join(loc) or "config"
         if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             raise ConfigError(f"{key}: unknown key; allowed here: {', '.join(_allowed_keys(RunConfig, loc))}") from None
+        if first["type"] == "value_error":  # pdray's own checks; a cross-field one names its key itself
+            message = str(first["ctx"]["error"])
+            raise ConfigError(f"{key}: {message}" if loc else message) from None
         got = first.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         raise ConfigError(f"{key}: {first['msg']}{shown}") from None

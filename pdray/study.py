@@ -207,7 +207,7 @@ def run_study(spec: StudySpec, study_dir: Path, resume: bool = False) -> list[di
     """Run the grid on Ray and write the table, figures, report and the study's W&B run; returns the rows."""
     from tqdm.auto import tqdm
 
-    from pdray.cluster.study_tasks import run_cells
+    from pdray.cluster.study_tasks import run_cells, study_scratch
     from pdray.study_report import write_figures, write_report
     from pdray.tracking import log_study
 
@@ -252,8 +252,11 @@ def run_study(spec: StudySpec, study_dir: Path, resume: bool = False) -> list[di
     if rows:
         print(f"resume: {len(rows)} of {len(cells)} cells already finished, skipped", flush=True)
     started = time.perf_counter()
-    with tqdm(total=len(cells), initial=len(rows), desc=f"study {name}", unit="run") as bar:
-        for outcome in run_cells(todo, spec, study_name=name):
+    with (
+        study_scratch() as scratch,
+        tqdm(total=len(cells), initial=len(rows), desc=f"study {name}", unit="run") as bar,
+    ):
+        for outcome in run_cells(todo, spec, study_name=name, scratch=scratch):
             if outcome.error is None:
                 write_run_files(runs / outcome.cell.name, outcome.files)
                 status = "done"

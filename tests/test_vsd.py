@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from pdray.checkpoint import load_checkpoint
+from pdray.checkpoint import load_checkpoint, save_checkpoint
 from pdray.config import load_config
-from pdray.local_executor import checkpoint
 from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import TOY_MODEL_DIR, DiffusionPrior
 from pdray.priors.lora import CameraLoRA
@@ -31,7 +30,8 @@ def test_lora_training_leaves_the_base_unet_bit_identical_and_the_pretrained_pre
     torch.testing.assert_close(lora.predict_eps(x_t, t, cond, c2w), before_eps)
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
-        lora.train_step(torch.randn(2, 4, 8, 8), cond, c2w, generator)
+        latents = torch.randn(2, 4, 8, 8)
+        lora.train_step(latents, cond, c2w, lora.draw(latents, generator), batch_size=2)
     after = {k.replace(".base_layer", ""): v for k, v in prior.unet.state_dict().items() if "lora_" not in k}
     assert after.keys() == before.keys()
     for key, value in before.items():
@@ -51,9 +51,9 @@ def test_lora_on_a_separate_v_prediction_base(tiny_model, tiny_v_model):
     prior = DiffusionPrior(tiny_model, device="cpu")
     lora = CameraLoRA(prior, tiny_config(tiny_model, f"lora.base={tiny_v_model}").lora)
     assert lora.unet is not prior.unet and lora.prediction_type == "v_prediction"
-    loss = lora.train_step(
-        torch.randn(2, 4, 8, 8), prior.embed(["a"] * 2), torch.eye(4).expand(2, 4, 4), torch.Generator().manual_seed(0)
-    )
+    latents = torch.randn(2, 4, 8, 8)
+    draw = lora.draw(latents, torch.Generator().manual_seed(0))
+    loss = lora.train_step(latents, prior.embed(["a"] * 2), torch.eye(4).expand(2, 4, 4), draw, batch_size=1)
     assert loss > 0
 
 
@@ -122,7 +122,7 @@ def test_save_and_load_reproduce_the_next_step_exactly(tiny_model, tmp_path):
     group, score = ParticleGroup(config, [0, 1], prior), ScoreEstimator(config, prior)
     for k in range(3):
         step(group, score, k)
-    checkpoint(tmp_path, 3, group, score, config)
+    save_checkpoint(tmp_path, 3, {"particles": group.state_tensors(), "lora": score.state_tensors()}, {})
     step(group, score, 3)
     expected_particles, expected_lora = group.state_tensors(), score.state_tensors()
 

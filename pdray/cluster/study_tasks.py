@@ -14,9 +14,13 @@ so the study folder lives only on the driver's machine, as with the mesh tasks. 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,17 +35,60 @@ from pdray.cluster.lifecycle import actor_runtime_env, actor_threads, describe_t
 from pdray.config import RunConfig
 from pdray.tracking import WandbLabels, flush_wandb
 
+SCRATCH_PREFIX = "pdray-study-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_scratch(root: Path | None = None) -> list[Path]:
+    """Remove the scratch folders of studies on this host whose driver process is gone (one killed with SIGKILL, or
+    whose workers outlived it); returns what was removed."""
+    root = root or Path(tempfile.gettempdir())
+    host, removed = socket.gethostname(), []
+    for folder in root.glob(f"{SCRATCH_PREFIX}*"):
+        owner_host, _, rest = folder.name[len(SCRATCH_PREFIX) :].rpartition("@")
+        pid = rest.split("-")[0]
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+@contextmanager
+def study_scratch(root: Path | None = None) -> Iterator[Path]:
+    """The temporary folder of one study invocation, which its cells' run folders live in until copied back: removed
+    on every exit of the block (done, failed, Ctrl-C, SIGTERM); stale ones of dead drivers are swept on entry."""
+    root = root or Path(tempfile.gettempdir())
+    sweep_stale_scratch(root)
+    folder = root / f"{SCRATCH_PREFIX}{socket.gethostname()}@{os.getpid()}-{secrets.token_hex(4)}"
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 @ray.remote
 def study_cell(
-    config: dict, labels: dict, name: str, num_cpus: float
+    config: dict, labels: dict, name: str, num_cpus: float, scratch: str
 ) -> tuple[dict[str, Any], dict[str, bytes], float]:
-    """One cell in a Ray worker: its summary, its run folder's files by relative path, and its wall time."""
+    """One cell in a Ray worker: its summary, its run folder's files by relative path, and its wall time. The run
+    folder lives in the study's scratch folder (created here on another host; gone here once the study ended)."""
     from pdray.local_executor import run_local
 
     started = time.perf_counter()
     torch.set_num_threads(actor_threads(num_cpus))
-    with tempfile.TemporaryDirectory(prefix="pdray-study-") as tmp:
+    if not Path(scratch).name.startswith(f"{SCRATCH_PREFIX}{socket.gethostname()}@"):
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cell-", dir=scratch) as tmp:
         run_dir = Path(tmp) / name
         run_config = RunConfig.model_validate(config)
         summary = run_local(run_config, run_dir, labels=WandbLabels(**labels))
@@ -75,9 +122,10 @@ def cell_runtime_env(num_cpus: float) -> dict:
     return env
 
 
-def run_cells(cells: list[tuple[Any, RunConfig]], spec: Any, study_name: str) -> Iterator[CellOutcome]:
+def run_cells(cells: list[tuple[Any, RunConfig]], spec: Any, study_name: str, scratch: Path) -> Iterator[CellOutcome]:
     """Submit every cell at once; yield each outcome as it finishes. A failed attempt is reported and retried
-    ``spec.retries`` times; then the cell is yielded with its error."""
+    ``spec.retries`` times; then the cell is yielded with its error. Cells still running when the caller stops
+    (Ctrl-C, an error) are cancelled."""
     if not cells:
         return
     connect(cells[0][1])  # every cell's config carries the study's ray.address
@@ -89,9 +137,17 @@ def run_cells(cells: list[tuple[Any, RunConfig]], spec: Any, study_name: str) ->
 
     def submit(cell: Any, config: RunConfig) -> ray.ObjectRef:
         labels = {"group": study_name, "config": {"study": study_name, "cell": cell.name, "grid": cell.values}}
-        return task.remote(config.model_dump(mode="json"), labels, cell.name, cpus)
+        return task.remote(config.model_dump(mode="json"), labels, cell.name, cpus, str(scratch))
 
     pending = {submit(cell, config): (cell, config, 1) for cell, config in cells}
+    try:
+        yield from _outcomes(pending, submit, spec)
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+def _outcomes(pending: dict, submit, spec: Any) -> Iterator[CellOutcome]:
     while pending:
         (done,), _ = ray.wait(list(pending), num_returns=1)
         cell, config, attempt = pending.pop(done)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import nn
 
 from pdray.backends import cuda_extension_unavailable_reason
@@ -41,15 +42,15 @@ class GridConfig:
     """Hash grid (Instant-NGP) or dense grids (coarse, fast on a CPU)."""
     backend: Backend = "auto"
     """``auto`` uses tinycudann when it imports and CUDA is available, else pure PyTorch."""
-    n_levels: int = 16
+    n_levels: Annotated[int, Ge(1)] = 16
     """Number of resolution levels."""
-    n_features_per_level: int = 2
+    n_features_per_level: Annotated[int, Ge(1)] = 2
     """Feature channels stored per grid vertex."""
-    log2_hashmap_size: int = 19
+    log2_hashmap_size: Annotated[int, Ge(4)] = 19
     """log2 of the most entries one level may hold; finer hash-grid levels are hashed into that many."""
-    base_resolution: int = 16
+    base_resolution: Annotated[int, Ge(2)] = 16
     """Resolution of the coarsest level."""
-    per_level_scale: float = 1.447269
+    per_level_scale: Annotated[float, Ge(1.0)] = 1.447269
     """Growth of the resolution from one level to the next (1.447269 reaches 2048 after 16 levels)."""
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt
 from torch import nn
 
 from pdray.geometry.hashgrid import GridConfig, make_encoding
@@ -25,21 +26,21 @@ class FieldConfig:
 
     grid: GridConfig = field(default_factory=GridConfig)
     """The positional encoding."""
-    hidden_dim: int = 64
+    hidden_dim: Annotated[int, Ge(1)] = 64
     """Width of the MLP's hidden layers."""
-    n_hidden_layers: int = 1
+    n_hidden_layers: Annotated[int, Ge(0)] = 1
     """Number of hidden layers of the MLP."""
     density_activation: Literal["softplus", "trunc_exp"] = "softplus"
     """Maps raw density to density >= 0; trunc_exp is Instant-NGP's exp with a gradient clamped at exp(15)."""
     density_bias: Literal["blob", "negative_blob", "none"] = "blob"
     """Added to raw density: a ball for objects, a hollow (negative ball) for scenes, or nothing."""
-    blob_density: float = 10.0
+    blob_density: Annotated[float, Ge(0.0)] = 10.0
     """Raw density the blob adds at the centre."""
-    blob_radius: float = 0.5
+    blob_radius: Annotated[float, Gt(0.0)] = 0.5
     """Radius (world units) where the blob's bias falls to zero."""
-    normal_eps: float = 0.01
+    normal_eps: Annotated[float, Gt(0.0)] = 0.01
     """Finite-difference step (world units) of ``normals``."""
-    radius: float = 1.0
+    radius: Annotated[float, Gt(0.0)] = 1.0
     """Radius of the bounding sphere; points in [-radius, radius]^3 map to the encoding's [0, 1]^3."""
 
 
