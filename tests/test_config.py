@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -9,6 +11,31 @@ def test_defaults_are_the_papers():
     assert cfg.cfg == 7.5 and cfg.lora.rank == 4 and cfg.lora.lr == 1e-4 and cfg.lora.camera_dropout == 0.1
     assert cfg.t_range.start == (0.02, 0.98) and cfg.t_range.end == (0.02, 0.5)
     assert cfg.guidance == "vsd" and cfg.prior.model == "toyworld"
+
+
+def test_the_default_preset_is_the_config_classes_defaults_one_source():
+    text = (Path(__file__).parents[1] / "configs" / "default.yaml").read_text()
+    assert yaml.safe_load(text) == {}, "defaults live in pdray/config.py only"
+    assert load_config("default").model_dump() == RunConfig().model_dump()
+    assert RunConfig().nerf.background == "white" and load_config("prolificdreamer").nerf.background == "learned"
+
+
+def test_every_number_of_the_config_is_bounded_or_finite():
+    """Every float knob refuses inf/nan, wherever it sits (nested sections and the field's dataclasses too)."""
+
+    def floats(model, prefix=""):
+        for name, value in vars(model).items():
+            key = f"{prefix}{name}"
+            if isinstance(value, float):
+                yield key
+            elif hasattr(value, "__dict__") and not isinstance(value, type):
+                yield from floats(value, f"{key}.")
+
+    keys = list(floats(RunConfig()))
+    assert len(keys) > 20
+    for key in keys:
+        with pytest.raises(ConfigError, match=f"^{key}: "):
+            load_config("default", [f"{key}=.inf"])
 
 
 def test_every_preset_loads():
@@ -41,10 +68,26 @@ def test_cli_options_win_over_overrides():
         ("lora.rank=zero", "lora.rank: Input should be a valid integer"),
         ("lora.rank=0", "lora.rank: Input should be greater than or equal to 1 (got 0)"),
         ("guidance=vds", "guidance: Input should be 'vsd' or 'sds'"),
-        ("t_range.start=[0.9, 0.1]", "t_range: Value error, start must be [low, high]"),
+        ("t_range.start=[0.9, 0.1]", "t_range: start must be [low, high]"),
         ("nerf.field.grid.bogus=1", "nerf.field.grid.bogus: unknown key; allowed here: kind, backend, n_levels"),
         ("lora.camera_dropout=1.5", "lora.camera_dropout: Input should be less than or equal to 1"),
         ("novalue", "override 'novalue' must look like key.sub=value"),
+        ("particles=0", "particles: Input should be greater than or equal to 1 (got 0)"),
+        ("cfg=.inf", "cfg: Input should be a finite number"),
+        ("lora.lr=.nan", "lora.lr: Input should be a finite number"),
+        ("nerf.lr_grid=0", "nerf.lr_grid: Input should be greater than 0"),
+        ("nerf.resolution=0", "nerf.resolution: Input should be greater than or equal to 8"),
+        ("nerf.field.hidden_dim=-3", "nerf.field.hidden_dim: Input should be greater than or equal to 1"),
+        ("nerf.field.grid.n_levels=0", "nerf.field.grid.n_levels: Input should be greater than or equal to 1"),
+        ("nerf.field.blob_radius=.inf", "nerf.field.blob_radius: Input should be a finite number"),
+        ("mesh.threshold=-1", "mesh.threshold: Input should be greater than 0"),
+        ("camera.fov=[50, 10]", "camera.fov: must be [low, high] with low <= high"),
+        ("camera.elevation=[0, 100]", "camera.elevation.1: Input should be less than or equal to 90"),
+        ("prompt=", "prompt: is empty"),
+        ("prompt=   ", "prompt: is empty"),
+        ("stages=[mesh, nerf]", "stages: must be [nerf] or [nerf, mesh], in that order"),
+        ("stages=[nerf, texture]", "stages.1: Input should be 'nerf' or 'mesh'"),
+        ("particle=image", "stages: the mesh stage needs NeRF particles; image particles take stages=[nerf]"),
     ],
 )
 def test_validation_errors_name_the_key(override, message):

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from pdray.config import ConfigError, load_config
 from pdray.geometry.mesh import laplacian_smoothness, normal_consistency
 from pdray.render import surface
+from pdray.rng import Stage
 
 runner = CliRunner()
 
@@ -95,7 +96,7 @@ def test_normal_map_sees_the_facing_side() -> None:
 def test_stages_are_validated(tiny_model) -> None:
     assert load_config("default").stages == ["nerf", "mesh"]
     assert load_config("image2d").stages == ["nerf"]
-    with pytest.raises(ConfigError, match=r"stages must be \[nerf\] or \[nerf, mesh\]"):
+    with pytest.raises(ConfigError, match=r"stages: must be \[nerf\] or \[nerf, mesh\]"):
         load_config("default", ["stages=[mesh]"])
     with pytest.raises(ConfigError, match="the mesh stage needs NeRF particles"):
         load_config("image2d", ["stages=[nerf, mesh]"])
@@ -140,11 +141,11 @@ def test_fine_tune_moves_geometry_and_texture_from_the_nerf(tiny_run) -> None:
     torch.testing.assert_close(inside, particle.field.density(stage.dmtet.vertices()) > config.mesh.threshold)
 
     sdf = stage.dmtet.sdf.detach().clone()
-    stats = stage.geometry_step(0, stage.score_estimator("sds", config.mesh.geometry_cfg, 0))
+    stats = stage.geometry_step(0, stage.score_estimator("sds", config.mesh.geometry_cfg, Stage.GEOMETRY))
     assert stats["regularisation"] > 0 and stats["nonfinite_dropped"] == 0
     assert not torch.equal(stage.dmtet.sdf.detach(), sdf)
     stage.fix_geometry()
-    stats = stage.texture_step(0, stage.score_estimator("vsd", config.mesh.texture_cfg, 1))
+    stats = stage.texture_step(0, stage.score_estimator("vsd", config.mesh.texture_cfg, Stage.TEXTURE))
     assert stats["lora_loss"] > 0
     assert not torch.allclose(stage.albedo(points), particle.field(points)[1])
 
