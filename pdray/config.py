@@ -82,7 +82,7 @@ class LoraConfig(Section):
     cfg: Annotated[float, Field(ge=1.0)] = 1.0
     """Classifier-free guidance of the LoRA's prediction; 1.0 runs no extra unconditional pass."""
     steps_per_update: Annotated[int, Field(ge=1)] = 1
-    """LoRA optimisation steps per particle step."""
+    """LoRA optimisation steps per particle step, each on all of the step's latents (paper: 1)."""
 
 
 class CameraConfig(Section):
@@ -235,7 +235,8 @@ class RunConfig(Section):
     mesh: MeshConfig = MeshConfig()
     """The mesh stage: DMTet geometry (SDS on normals), texture (VSD), export."""
     score_batch_size: Annotated[int, Field(ge=1)] = 32
-    """Most latents per UNet call in the score estimator (the memory budget)."""
+    """Most latents per UNet call in the score estimator and the LoRA's training step: a memory knob only (the
+    LoRA's loss is accumulated over the chunks into one update, so results do not depend on it)."""
     log_every: Annotated[int, Field(ge=1)] = 10
     """Steps between metric lines (and progress updates)."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 100
