@@ -14,7 +14,15 @@ from pdray.score import ScoreEstimator
 def tiny_config(model, *overrides):
     return load_config(
         "default",
-        [f"prior.model={model}", "nerf.resolution=16", "nerf.n_samples=8", "particles=2", "wandb=off", *overrides],
+        [
+            f"prior.model={model}",
+            "nerf.resolution=16",
+            "nerf.n_samples=8",
+            "particles=2",
+            "wandb=off",
+            "stages=[nerf]",
+            *overrides,
+        ],
     )
 
 
