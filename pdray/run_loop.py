@@ -88,11 +88,20 @@ class StopSignals:
             yield self
             return
         previous = {s: signal.signal(s, self.request) for s in STOP_SIGNALS}
+        self._installed = True
         try:
             yield self
         finally:
+            self._installed = False
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def reclaim(self) -> None:
+        """Take the stop signals back from libraries that set their own while the run started (Ray's driver and W&B
+        may install a SIGTERM handler that just exits)."""
+        if getattr(self, "_installed", False):
+            for s in STOP_SIGNALS:
+                signal.signal(s, self.request)
 
 
 class Loop:
@@ -151,6 +160,7 @@ class Loop:
             step = 0
             self.checkpoint(0)  # recovery always has a checkpoint to go back to
         tracker = Tracker(self.run_dir, config, resume=resume, labels=labels)
+        stop.reclaim()
         started, totals, executed = time.perf_counter(), {}, 0
         suffix = "" if executor.name == "local" else f" ({executor.name})"
         bar = tqdm(total=config.steps, initial=step, desc=f"{config.guidance} x{config.particles}{suffix}", unit="step")

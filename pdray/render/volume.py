@@ -92,6 +92,12 @@ def _scatter_rays(values: torch.Tensor, rays: torch.Tensor, n_rays: int) -> torc
     return values.new_zeros(n_rays, *values.shape[1:]).index_copy(0, rays, values)
 
 
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform draws from ``generator`` on its own device (pdray's streams are CPU generators), moved to ``device``."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=where).to(device)
+
+
 def render_volume(
     field: FieldFn,
     background: BackgroundFn,
@@ -133,7 +139,7 @@ def render_volume(
     rays = hit.nonzero().squeeze(1)  # [R] indices of the rays that are sampled
     near, far = t_near[rays, None], t_far[rays, None]
     if stratified:
-        jitter = torch.rand(rays.shape[0], n_samples, generator=generator, device=device)
+        jitter = _rand((rays.shape[0], n_samples), generator, device)
     else:
         jitter = torch.full((rays.shape[0], n_samples), 0.5, device=device)
     delta = (far - near) / n_samples  # [R, 1] bin length
@@ -155,8 +161,8 @@ def render_volume(
     bg = background(d).view(*batch_shape, 3)
     if random_background_prob > 0.0:
         n_images = batch_shape[0]
-        use_random = torch.rand(n_images, generator=generator, device=device) < random_background_prob
-        colours = torch.rand(n_images, 3, generator=generator, device=device)
+        use_random = _rand((n_images,), generator, device) < random_background_prob
+        colours = _rand((n_images, 3), generator, device)
         bg = torch.where(use_random[:, None, None, None], colours[:, None, None, :].to(bg), bg)
     return VolumeRender(
         rgb=composite(colour) + (1.0 - opacity) * bg,
