@@ -99,7 +99,8 @@ def tiny_v_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     """A real local Ray cluster of 2 CPUs on loopback, one per test module, with token auth off and a short temp dir."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(
         address="local",
