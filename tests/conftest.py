@@ -1,7 +1,8 @@
-"""Shared fixtures: offline Hugging Face, a tiny Stable-Diffusion-format pipeline built in code."""
+"""Shared fixtures: offline Hugging Face, a tiny Stable-Diffusion-format pipeline built in code, parity records."""
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from pathlib import Path
@@ -99,7 +100,8 @@ def tiny_v_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     """A real local Ray cluster of 2 CPUs on loopback, one per test module, with token auth off and a short temp dir."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(
         address="local",
@@ -110,3 +112,22 @@ def local_ray(tmp_path_factory):
     )
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def record_parity(request):
+    """``record(**numbers)``: a parity test's measured differences, printed and, when ``PDRAY_PARITY_OUT`` is set,
+    appended as one JSON line to ``$PDRAY_PARITY_OUT/parity.jsonl`` (so a GPU run yields numbers for a note)."""
+
+    def record(**numbers: float) -> None:
+        line = json.dumps(
+            {"test": request.node.nodeid, **{k: float(torch.as_tensor(v).detach()) for k, v in numbers.items()}}
+        )
+        print(line)
+        folder = os.environ.get("PDRAY_PARITY_OUT")
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with open(Path(folder) / "parity.jsonl", "a") as file:
+                file.write(line + "\n")
+
+    return record

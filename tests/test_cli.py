@@ -1,6 +1,9 @@
 from pdray.cli.main import app
 from typer.testing import CliRunner
 
+from pdray.geometry import hashgrid
+from pdray.render import raster
+
 runner = CliRunner()
 
 
@@ -11,11 +14,33 @@ def test_help_lists_every_command():
         assert command in result.output
 
 
-def test_doctor_reports_backends():
+def doctor_line(output: str, label: str) -> str:
+    (line,) = [line for line in output.splitlines() if line.startswith(label)]
+    return line
+
+
+def test_doctor_reports_the_backends_pdray_selects_here():
+    """What `auto` resolves to on this machine (torch on a CPU, tcnn / nvdiffrast where they import on CUDA)."""
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
-    assert "hash grid   torch" in result.output and "rasteriser  torch" in result.output
-    assert "toy prior" in result.output
+    for label, backend, reason in [
+        ("hash grid", hashgrid.encoding_backend_name("auto"), hashgrid.tcnn_unavailable_reason()),
+        ("rasteriser", raster.backend_name("auto"), raster.nvdiffrast_unavailable_reason()),
+    ]:
+        line = doctor_line(result.output, label)
+        assert line.split()[len(label.split())] == backend, line
+        assert (reason is None) == ("unused" not in line), line
+        assert reason is None or reason in line
+    assert "toy prior   present" in result.output
+
+
+def test_doctor_names_the_cuda_backends_when_they_would_be_used(monkeypatch):
+    monkeypatch.setattr(hashgrid, "tcnn_unavailable_reason", lambda: None)
+    monkeypatch.setattr(raster, "nvdiffrast_unavailable_reason", lambda: None)
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert doctor_line(result.output, "hash grid").split() == ["hash", "grid", "tcnn"]
+    assert doctor_line(result.output, "rasteriser").split() == ["rasteriser", "nvdiffrast"]
 
 
 def test_sample_writes_a_grid(tiny_model, tmp_path):

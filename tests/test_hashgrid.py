@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from pdray.geometry.hashgrid import (
     DenseGridEncoding,
+    GridConfig,
     HashGridEncoding,
     TcnnHashGridEncoding,
     encoding_backend_name,
@@ -136,18 +139,59 @@ def test_dense_grid_has_no_tcnn_backend() -> None:
         make_encoding("dense", "tcnn", n_levels=2)
 
 
-@pytest.mark.skipif(tcnn_unavailable_reason() is not None, reason=f"tcnn backend: {tcnn_unavailable_reason()}")
-def test_tcnn_matches_torch_hashgrid() -> None:
-    tcnn_enc = TcnnHashGridEncoding(**SMALL)
-    torch_enc = HashGridEncoding(**SMALL).cuda()
-    tcnn_params = tcnn_enc.encoding.params
+def test_parity_numbers_are_recorded(record_parity, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("PDRAY_PARITY_OUT", str(tmp_path))
+    record_parity(max_abs=0.5, pixels=3)
+    (line,) = (tmp_path / "parity.jsonl").read_text().splitlines()
+    assert json.loads(line) == {
+        "test": "tests/test_hashgrid.py::test_parity_numbers_are_recorded",
+        "max_abs": 0.5,
+        "pixels": 3.0,
+    }
+
+
+PROLIFICDREAMER = {k: v for k, v in asdict(GridConfig()).items() if k not in ("kind", "backend")}
+"""The NeRF particles' hash grid in the paper's configuration: 16 levels, 2**19 entries, up to 2048 per side."""
+
+TCNN_REASON = tcnn_unavailable_reason()
+
+
+@pytest.mark.skipif(TCNN_REASON is not None, reason=f"tinycudann parity needs it on CUDA: {TCNN_REASON}")
+@pytest.mark.parametrize("grid", [SMALL, PROLIFICDREAMER], ids=["small", "prolificdreamer"])
+def test_tcnn_hashgrid_matches_the_torch_hashgrid(grid: dict, record_parity) -> None:
+    """Same table, same points: outputs, table gradients and point gradients agree to float32 rounding."""
+    torch.manual_seed(0)
+    tcnn_enc = TcnnHashGridEncoding(**grid)
+    torch_enc = HashGridEncoding(**grid).cuda()
+    n_features = grid["n_features_per_level"]
+    params = tcnn_enc.encoding.params
+    assert params.numel() == torch_enc.params.numel()  # the same level sizes
     with torch.no_grad():
-        torch_enc.params.copy_(tcnn_params.view(-1, 2).t())
-    # Keep clear of the outer half cell, where tinycudann's index wraps and float rounding may differ.
-    x = torch.rand(500, 3, device="cuda") * 0.8 + 0.1
-    out_tcnn, out_torch = tcnn_enc(x), torch_enc(x)
-    torch.testing.assert_close(out_tcnn, out_torch, rtol=1e-4, atol=1e-5)
+        params.uniform_(-1.0, 1.0)  # tinycudann's own init (+-1e-4) would hide errors below any useful tolerance
+        torch_enc.params.copy_(params.view(-1, n_features).t())  # its [T, F] table is the torch grid's [F, T]
+    # Inside the outer half cell, where tinycudann's index wrap and pdray's modulo could part on rounding.
+    x_tcnn = (torch.rand(8192, 3, device="cuda") * 0.8 + 0.1).requires_grad_()
+    x_torch = x_tcnn.detach().clone().requires_grad_()
+    out_tcnn, out_torch = tcnn_enc(x_tcnn), torch_enc(x_torch)
     upstream = torch.randn_like(out_torch)
     (out_tcnn * upstream).sum().backward()
     (out_torch * upstream).sum().backward()
-    torch.testing.assert_close(tcnn_params.grad.view(-1, 2).t(), torch_enc.params.grad, rtol=1e-4, atol=1e-5)
+    grad_tcnn = params.grad.view(-1, n_features).t()
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    assert x_tcnn.grad is not None, "tinycudann gave no gradient with respect to the points"
+    record_parity(
+        points=x_tcnn.shape[0],
+        output_max_abs=(out_tcnn - out_torch).abs().max(),
+        output_scale=out_torch.abs().max(),
+        param_grad_max_abs=(grad_tcnn - torch_enc.params.grad).abs().max(),
+        param_grad_relative=relative(grad_tcnn, torch_enc.params.grad),
+        point_grad_max_abs=(x_tcnn.grad - x_torch.grad).abs().max(),
+        point_grad_relative=relative(x_tcnn.grad, x_torch.grad),
+    )
+    torch.testing.assert_close(out_tcnn, out_torch, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_tcnn, torch_enc.params.grad, rtol=1e-4, atol=1e-4)
+    # d(out)/dx scales with the finest level's resolution (up to 2048), so compare it relative to its size.
+    assert relative(x_tcnn.grad, x_torch.grad) < 1e-3

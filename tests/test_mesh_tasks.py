@@ -10,8 +10,6 @@ import trimesh
 from pdray.cluster.placement import Resources
 from pdray.config import load_config
 
-ray = pytest.importorskip("ray")
-
 
 def test_task_resources_take_a_gpu_each_or_share_the_cpus() -> None:
     from pdray.cluster.mesh_tasks import task_resources

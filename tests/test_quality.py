@@ -1,6 +1,5 @@
 """The quality metrics tell good from bad: crisp beats blurred, many colours beat one, samples sit at the floor."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -17,8 +16,6 @@ from pdray.metrics import (
 from pdray.priors.diffusion import TOY_MODEL_DIR
 from pdray.priors.toyworld.judge import load_judge
 from pdray.priors.toyworld.world import COLOUR_NAMES, SHAPES, render_objects
-
-judge_shipped = pytest.mark.skipif(not (TOY_MODEL_DIR / "judge").exists(), reason="toy judge not trained yet")
 
 
 def cubes(colours: list[int], seed: int = 0) -> torch.Tensor:
@@ -64,7 +61,6 @@ def test_kid_of_a_distribution_to_itself_is_the_floor():
     assert abs(same) < 0.05 < other
 
 
-@judge_shipped
 def test_set_quality_on_renders_of_the_world():
     from pdray.quality import set_quality
 

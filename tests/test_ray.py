@@ -15,8 +15,6 @@ import torch
 from pdray.checkpoint import load_checkpoint
 from pdray.config import load_config, save_config
 
-ray = pytest.importorskip("ray")
-
 # End-to-end runs on a local cluster: about 2 minutes on an idle 2-core machine.
 pytestmark = pytest.mark.slow
 

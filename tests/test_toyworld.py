@@ -1,6 +1,5 @@
 import random
 
-import pytest
 import torch
 
 from pdray.cameras import Cameras
@@ -9,8 +8,6 @@ from pdray.priors.toyworld.captions import caption, parse_prompt
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
 from pdray.priors.toyworld.model import UNK, build_tokenizer
 from pdray.priors.toyworld.world import SHAPES, render_objects, sample_world
-
-shipped = pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").exists(), reason="toy prior not trained yet")
 
 
 def _front(n: int, azimuth: float = 0.0) -> Cameras:
@@ -120,7 +117,6 @@ def test_fine_tuning_keeps_vae_and_judge_and_a_stopped_run_leaves_a_prior(tmp_pa
     DiffusionPrior(tmp_path / "tuned", device="cpu")
 
 
-@shipped
 def test_shipped_judge_classifies_fresh_renders():
     judge = load_judge(TOY_MODEL_DIR / "judge")
     batch = sample_world(96, torch.Generator().manual_seed(99))
@@ -129,7 +125,6 @@ def test_shipped_judge_classifies_fresh_renders():
     assert shape_acc > 0.9
 
 
-@shipped
 def test_shipped_prior_loads_offline_and_draws_the_named_shape_and_colour():
     from pdray.priors.sampling import sample_images
 

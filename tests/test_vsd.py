@@ -6,7 +6,7 @@ import torch
 from pdray.checkpoint import load_checkpoint, save_checkpoint
 from pdray.config import load_config
 from pdray.particle import ParticleGroup
-from pdray.priors.diffusion import TOY_MODEL_DIR, DiffusionPrior
+from pdray.priors.diffusion import DiffusionPrior
 from pdray.priors.lora import CameraLoRA
 from pdray.score import ScoreEstimator
 
@@ -101,7 +101,6 @@ def test_shared_cameras_are_the_same_for_every_particle_and_the_gaussian_score_n
         tiny_config(tiny_model, "camera.shared=false")
 
 
-@pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").exists(), reason="toy prior not trained yet")
 def test_a_short_2d_vsd_run_lowers_the_lora_loss():
     # On the trained toy prior: the LoRA learns the particles' distribution (a random tiny UNet cannot).
     config = load_config("image2d", ["particles=4", "particle_score=lora", "lora.lr=1e-3", "wandb=off"])
@@ -187,7 +186,6 @@ def test_white_background_renders_white_and_has_no_background_parameters(tiny_mo
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").exists(), reason="toy prior not trained yet")
 def test_a_short_vsd_run_is_more_diverse_than_a_short_sds_run(tmp_path):
     """8 latent particles of a colour-open prompt: VSD spreads over colours, SDS at the same CFG collapses."""
     from pdray.local_executor import run_local
