@@ -52,9 +52,10 @@ from pdray.config import LoraConfig, NerfConfig, PriorConfig, RunConfig
 from pdray.distill import drop_nonfinite, sample_timesteps, surrogate_loss, vsd_grad
 from pdray.geometry.hashgrid import GridConfig, encoding_backend_name
 from pdray.geometry.nerf import FieldConfig
-from pdray.particle import NeRFParticle, ParticleGroup, stream
+from pdray.particle import NeRFParticle, ParticleGroup
 from pdray.priors.diffusion import DiffusionPrior, load_prior
 from pdray.priors.lora import CameraLoRA
+from pdray.rng import SHARED, Purpose, Stage, stream
 from pdray.score import ScoreEstimator
 
 COMPONENTS = ("render", "encode", "unet_cfg", "unet_lora", "lora_update", "backward")
@@ -232,7 +233,11 @@ def vsd_step(step: int, config: RunConfig, prior: DiffusionPrior, lora: CameraLo
     """One VSD step of ``particles`` on one device, the work of ParticleGroup.render / ScoreEstimator.grads /
     ParticleGroup.apply / ScoreEstimator.lora_update in that order, each part timed. Returns non-finite grads."""
     c = config.camera
-    cameras = sample_cameras(1, CameraRanges(c.elevation, c.azimuth, c.distance, c.fov), stream(config.seed, step))
+    cameras = sample_cameras(
+        1,
+        CameraRanges(c.elevation, c.azimuth, c.distance, c.fov),
+        stream(config.seed, Stage.NERF, Purpose.CAMERA, SHARED, step),
+    )
     device_generator = torch.Generator(prior.device).manual_seed(step)
     renders = [clock("render", p.render, cameras, device_generator) for p in particles]
     latents = [clock("encode", prior.encode, r.rgb.permute(0, 3, 1, 2)) for r in renders]
@@ -240,7 +245,7 @@ def vsd_step(step: int, config: RunConfig, prior: DiffusionPrior, lora: CameraLo
     z = torch.cat(latents).detach().float()
     n = z.shape[0]
     c2w = cameras.c2w().to(prior.device).expand(n, 4, 4)
-    generator = stream(config.seed, step, 0x5C0)
+    generator = stream(config.seed, Stage.NERF, Purpose.SCORE, SHARED, step)
     t = sample_timesteps(n, config.t_range.start, prior.num_train_timesteps, generator).to(prior.device)
     noise = torch.randn(z.shape, generator=generator).to(prior.device)
     x_t, a = prior.add_noise(z, noise, t), prior.alpha_bar(t)
@@ -258,7 +263,8 @@ def vsd_step(step: int, config: RunConfig, prior: DiffusionPrior, lora: CameraLo
             particle.optimizer.step()
 
     clock("backward", backward)
-    clock("lora_update", lora.train_step, z, cond, c2w, stream(config.seed, step, 0x10A))
+    draw = lora.draw(z, stream(config.seed, Stage.NERF, Purpose.LORA, SHARED, step))
+    clock("lora_update", lora.train_step, z, cond, c2w, draw, config.score_batch_size)
     return nonfinite
 
 
@@ -275,7 +281,7 @@ def measure(args: argparse.Namespace, model: Path, prior: DiffusionPrior, lora: 
     if prior.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(prior.device)
-    particles = [NeRFParticle(config, prior, stream(config.seed, pid, 0xA11CE)) for pid in range(n)]
+    particles = [NeRFParticle(config, prior, pid) for pid in range(n)]
     clock, nonfinite = Clock(prior.device), 0
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
