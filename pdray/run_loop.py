@@ -79,7 +79,7 @@ class StopSignals:
         if self.requested is not None:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        tqdm.write(f"{self.requested}: stopping after the step in flight (again to abort without a checkpoint)")
+        print(f"\n{self.requested}: stopping after the step in flight (again: abort, no checkpoint)", flush=True)
 
     @contextmanager
     def installed(self) -> Iterator[StopSignals]:
@@ -181,7 +181,8 @@ class Loop:
                 if k.startswith("time/"):
                     totals[k] = totals.get(k, 0.0) + v
             if step % config.log_every == 0 or step == config.steps:
-                tracker.log(step, {**stats, "recoveries": self.recoveries})
+                # after a stop signal only to metrics.jsonl: a SIGTERM to the process group may have ended W&B's service
+                tracker.log(step, {**stats, "recoveries": self.recoveries}, to_wandb=stop.requested is None)
                 bar.set_postfix({k: f"{stats[k]:.3g}" for k in ("lora_loss", "grad_norm") if k in stats})
         bar.close()
         if stop.requested is not None:

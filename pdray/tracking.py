@@ -50,11 +50,11 @@ class Tracker:
             self.wandb.define_metric("vsd_step")
             self.wandb.define_metric("*", step_metric="vsd_step")
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], to_wandb: bool = True) -> None:
         record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
+        if self.wandb is not None and to_wandb:
             self.wandb.log({"vsd_step": step, **metrics})
 
     def log_particles(self, step: int, images: dict[int, torch.Tensor]) -> None:
