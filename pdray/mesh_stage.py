@@ -28,7 +28,7 @@ from pdray.cameras import CameraRanges, Cameras, sample_cameras
 from pdray.checkpoint import load_particle_tensors
 from pdray.config import RunConfig
 from pdray.distill import drop_nonfinite, surrogate_loss
-from pdray.evaluate import eval_cameras, score_views
+from pdray.evaluate import eval_cameras, evaluate_folder, score_views
 from pdray.geometry.dmtet import DMTet
 from pdray.geometry.mesh import export_mesh, laplacian_smoothness, normal_consistency
 from pdray.imaging import save_gif
@@ -246,7 +246,8 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
 
 
 def record_mesh_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Set ``summary.json["mesh"]`` (merged per particle with an earlier export), written atomically."""
+    """Set ``summary.json["mesh"]`` (merged per particle with an earlier export), written atomically, and judge the
+    run folder again (eval.json and report.html gain the meshes' turntables and files)."""
     path = run_dir / "summary.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     previous = data.get("mesh", {})
@@ -259,4 +260,6 @@ def record_mesh_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+    if any((run_dir / "particles").glob("*/views.png")):
+        evaluate_folder(run_dir)
     return data["mesh"]
