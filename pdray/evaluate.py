@@ -31,7 +31,7 @@ from pdray.imaging import save_gif, save_png
 from pdray.metrics import HUE_BINS, dominant_hue, foreground_brightness, foreground_saturation, haze
 from pdray.priors.diffusion import TOY_MODEL, TOY_MODEL_DIR
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
-from pdray.tracking import mean_pairwise_distance
+from pdray.tracking import Tracker, mean_pairwise_distance
 
 EVAL_FILE = "eval.json"
 TOY_JUDGE = "the toy world's judge (a shape, colour and view classifier shipped with the toy prior)"
@@ -43,13 +43,9 @@ def eval_cameras(config: RunConfig, n: int) -> Cameras:
     return orbit_cameras(n, elevation=15.0, distance=sum(c.distance) / 2, fov=sum(c.fov) / 2)
 
 
-def evaluate_particles(
-    config: RunConfig, group, run_dir: Path, turntable_frames: int = 24, step: int | None = None
-) -> dict[str, Any]:
-    """Render each particle's views.png (and turntable.gif, unless ``turntable_frames`` is 0), judge the run folder
-    (``evaluate_folder``: eval.json, report.html) and return its metrics for summary.json.
-
-    ``group`` is anything with ``images(cameras) -> {particle id: [V, 3, H, W]}``; ``step`` defaults to the end."""
+def render_views(config: RunConfig, group, run_dir: Path, turntable_frames: int = 24) -> None:
+    """Each particle's views.png from the fixed evaluation orbit, and its turntable.gif unless ``turntable_frames``
+    is 0. ``group`` is anything with ``images(cameras) -> {particle id: [V, 3, H, W]}``."""
     is_3d = config.particle == "nerf"
     views = group.images(eval_cameras(config, config.eval_views if is_3d else 1))
     turntables = group.images(eval_cameras(config, turntable_frames)) if is_3d and turntable_frames else {}
@@ -58,8 +54,26 @@ def evaluate_particles(
         save_png(torch.cat(list(images), dim=2), folder / "views.png")
         if pid in turntables:
             save_gif(turntables[pid], folder / "turntable.gif")
+
+
+def evaluate_particles(
+    config: RunConfig, group, run_dir: Path, turntable_frames: int = 24, step: int | None = None
+) -> dict[str, Any]:
+    """At the end of a run: render the views and turntables, judge the run folder (``evaluate_folder``: eval.json,
+    report.html) and return its metrics for summary.json. ``step`` defaults to the last."""
+    render_views(config, group, run_dir, turntable_frames)
     report = evaluate_folder(run_dir, config, step=config.steps if step is None else step)
     return report["stages"]["nerf"]["metrics"]
+
+
+def evaluate_checkpoint(config: RunConfig, group, run_dir: Path, step: int, tracker: Tracker) -> dict[str, Any]:
+    """At a checkpoint: render the views (no turntables: they cost 3x the views), judge the run folder (eval.json,
+    report.html, so a user can watch the run) and log the metrics and the per-particle table to W&B.
+    Returns eval.json's content."""
+    render_views(config, group, run_dir, turntable_frames=0)
+    report = evaluate_folder(run_dir, config, step=step)
+    tracker.log_evaluation(step, report)
+    return report
 
 
 @torch.no_grad()

@@ -212,3 +212,25 @@ def test_report_pages_load_in_headless_chromium_and_show_every_particle(toy_run,
                 page.close()
         finally:
             browser.close()
+
+
+def test_a_checkpoint_refreshes_the_page_and_logs_the_evaluation(tiny_model, tiny_clip, tmp_path):
+    from pdray.config import load_config, save_config
+    from pdray.evaluate import evaluate_checkpoint
+    from pdray.particle import ParticleGroup
+    from pdray.priors.diffusion import load_prior
+    from pdray.tracking import Tracker
+
+    sets = [f"prior.model={tiny_model}", "particles=2", "steps=10", "eval_views=2", "nerf.resolution=16"]
+    config = load_config("default", [*sets, "nerf.n_samples=8", "wandb=offline", f"eval.clip_model={tiny_clip}"])
+    save_config(config, tmp_path / "config.yaml")
+    group = ParticleGroup(config, [0, 1], load_prior(config.prior))
+    tracker = Tracker(tmp_path, config)
+    report = evaluate_checkpoint(config, group, tmp_path, 5, tracker)
+    tracker.finish()
+    assert report["step"] == 5 and json.loads((tmp_path / "eval.json").read_text()) == report
+    assert {"clip_score", "clip_vendi"} <= set(report["stages"]["nerf"]["metrics"])
+    assert (tmp_path / "particles/01/views.png").is_file() and not (tmp_path / "particles/01/turntable.gif").exists()
+    page = (tmp_path / "report.html").read_text()
+    assert "judged at step 5 of 10; in progress" in page and 'http-equiv="refresh"' in page
+    assert len(list(tmp_path.glob("wandb/offline-run-*/files/media/table/eval/particles_*.table.json"))) == 1
