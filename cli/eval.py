@@ -33,6 +33,6 @@ def eval_(
         typer.echo(markdown_table(report["cells"], [*report.get("vary", {}), "seed"]))
         typer.echo(f"wrote {folder / 'eval.json'} and {folder / 'report.html'}")
         return
-    report = evaluate_folder(folder, run_config(folder, overrides))
+    report = evaluate_folder(folder, run_config(folder, overrides), strict=True)
     typer.echo(format_evaluation(report))
     typer.echo(f"wrote {folder / 'eval.json'} and {folder / 'report.html'}")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pdray.cameras import Cameras, orbit_cameras
+from pdray.clip_judge import DISTRACTORS, ClipJudge, ClipNotFoundError, load_clip_judge
 from pdray.config import ConfigError, RunConfig, load_config
 from pdray.imaging import save_gif, save_png
 from pdray.metrics import HUE_BINS, dominant_hue, foreground_brightness, foreground_saturation, haze
@@ -119,16 +120,17 @@ class Evaluation:
     """Per particle: its id, dominant hue (degrees, None when grey), CLIP score, judged colour and agreement."""
 
 
-def judge_views(config: RunConfig, views: dict[int, torch.Tensor]) -> Evaluation:
-    """Every judge that applies to this run on views {particle id: [V, 3, H, W] in [0, 1]}."""
+PIXEL_METRICS = ("saturation", "brightness", "haze", "distinct_hues")
+"""The image statistics every prior gets (``score_views``); the rest of its metrics are the toy judge's."""
+
+
+def judge_views(config: RunConfig, views: dict[int, torch.Tensor], clip: ClipJudge | None = None) -> Evaluation:
+    """Every judge that applies to this run on views {particle id: [V, 3, H, W] in [0, 1]}; CLIP's if given."""
     metrics = score_views(config, views)
     toy = "judge_agreement" in metrics
     judge_of = {k: "pixels" if k in PIXEL_METRICS or not toy else "toy" for k in metrics}
     clip_scores: dict[int, float] = {}
-    if config.eval.clip_model:
-        from pdray.clip_judge import DISTRACTORS, load_clip_judge
-
-        clip = load_clip_judge(config.eval.clip_model)
+    if clip is not None:
         distractors = config.eval.distractors if config.eval.distractors is not None else DISTRACTORS
         clip_metrics, clip_scores = clip.metrics(config.prompt, views, distractors)
         metrics |= clip_metrics
@@ -145,10 +147,6 @@ def judge_views(config: RunConfig, views: dict[int, torch.Tensor]) -> Evaluation
             row["judge_agreement"] = metrics["judge_agreement_per_particle"][pid]
         particles.append(row)
     return Evaluation(metrics, judge_of, particles)
-
-
-PIXEL_METRICS = ("saturation", "brightness", "haze", "distinct_hues")
-"""The image statistics every prior gets (``score_views``); the rest of its metrics are the toy judge's."""
 
 
 def _frames(path: Path) -> torch.Tensor:
@@ -188,26 +186,38 @@ def run_step(run_dir: Path) -> int | None:
     return None
 
 
-def evaluate_folder(run_dir: Path, config: RunConfig | None = None, step: int | None = None) -> dict[str, Any]:
+def evaluate_folder(
+    run_dir: Path, config: RunConfig | None = None, step: int | None = None, strict: bool = False
+) -> dict[str, Any]:
     """Judge a run folder from its files, write eval.json and refresh report.html; returns eval.json's content.
 
     Stages: "nerf" from each particle's views.png, "mesh" from its mesh turntable where the mesh stage ran.
-    ``config`` defaults to the folder's config.yaml, ``step`` to the step its files record."""
+    ``config`` defaults to the folder's config.yaml, ``step`` to the step its files record. A missing CLIP raises
+    ClipNotFoundError when ``strict`` (``pdray eval``); otherwise (the end of a run) it is said in one line and
+    recorded under ``judges``, and the other judges still judge: a finished run never fails on its evaluation."""
     from pdray.report import write_run_report
 
     config = config or run_config(run_dir)
+    judges = {"pixels": PIXELS}
+    clip = None
+    if config.eval.clip_model:
+        try:
+            clip = load_clip_judge(config.eval.clip_model)
+            judges["clip"] = f"CLIP {config.eval.clip_model}"
+        except ClipNotFoundError as err:
+            if strict:
+                raise
+            print(f"evaluation without CLIP: {err}", flush=True)
+            judges["clip"] = f"unavailable: {err}"
     stages = {}
     for stage in ("nerf", "mesh"):
         views = load_views(run_dir, stage)
         if views:
-            stages[stage] = asdict(judge_views(config, views))
+            stages[stage] = asdict(judge_views(config, views, clip))
     if "nerf" not in stages:
         raise FileNotFoundError(f"{run_dir} holds no particle views yet (particles/NN/views.png)")
-    judges = {"pixels": PIXELS}
     if any(v == "toy" for s in stages.values() for v in s["judge_of"].values()):
         judges["toy"] = TOY_JUDGE
-    if config.eval.clip_model:
-        judges["clip"] = f"CLIP {config.eval.clip_model}"
     report = {
         "prompt": config.prompt,
         "particles": len(stages["nerf"]["particles"]),

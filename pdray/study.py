@@ -313,7 +313,7 @@ def evaluate_study(study_dir: Path, overrides: list[str] | None = None) -> dict[
     for row in meta.pop("cells"):
         run_dir = study_dir / "runs" / row["cell"]
         if row.get("status") == "done" and (run_dir / "config.yaml").is_file():
-            metrics = evaluate_folder(run_dir, run_config(run_dir, overrides))["stages"]["nerf"]["metrics"]
+            metrics = evaluate_folder(run_dir, run_config(run_dir, overrides), strict=True)["stages"]["nerf"]["metrics"]
             row = row | {k: metrics.get(k) for k in METRICS if k in metrics or k.startswith("clip_")}
             row["judged_colours"] = " ".join(metrics.get("judged_colours", []))
         rows.append(row)

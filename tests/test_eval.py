@@ -115,6 +115,17 @@ def test_pdray_eval_prints_clip_score_r_precision_and_vendi(toy_run, tiny_clip, 
     assert empty.exit_code == 2 and "not a run folder" in empty.output
 
 
+def test_a_finished_run_is_judged_without_a_missing_clip_and_says_so(toy_run, tmp_path):
+    from pdray.evaluate import evaluate_folder, run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(toy_run, run)
+    report = evaluate_folder(run, run_config(run, ["eval.clip_model=missing-org/missing-clip"]))
+    assert report["judges"]["clip"].startswith("unavailable: CLIP model 'missing-org/missing-clip'")
+    assert "judge_agreement" in report["stages"]["nerf"]["metrics"]
+    assert not any(k.startswith("clip_") for k in report["stages"]["nerf"]["metrics"])
+
+
 def real_clip() -> str | None:
     """A real CLIP on this machine: $PDRAY_CLIP_MODEL, or openai/clip-vit-base-patch32 in the Hugging Face cache."""
     if os.environ.get("PDRAY_CLIP_MODEL"):
