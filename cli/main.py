@@ -318,6 +318,10 @@ from pdray.cli.study import study  # noqa: E402  (the command lives in its own m
 
 app.command()(clean_errors(study))
 
+from pdray.cli.eval import eval_  # noqa: E402  (the command lives in its own module)
+
+app.command("eval")(clean_errors(eval_))
+
 
 if __name__ == "__main__":
     app()

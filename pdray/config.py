@@ -192,6 +192,14 @@ class MeshConfig(Section):
     """Ray re-runs of a mesh task whose worker process died (an exception in the stage is not retried)."""
 
 
+class EvalConfig(Section):
+    clip_model: str | None = None
+    """CLIP that judges fidelity and diversity for any prior: a local folder or a hub id already in the Hugging Face
+    cache (never downloaded); none: the toy judge (toy prior) and image statistics only."""
+    distractors: list[str] | None = None
+    """R-precision's distractor prompts; none: pdray's built-in set of object captions (``pdray.clip_judge``)."""
+
+
 class RunConfig(Section):
     prompt: str = "a cube"
     """The text prompt (not empty)."""
@@ -243,6 +251,8 @@ class RunConfig(Section):
     """Steps between checkpoints into checkpoints/latest."""
     eval_views: Annotated[int, Field(ge=1)] = 8
     """Fixed evaluation cameras (an orbit) for views.png and judge scores."""
+    eval: EvalConfig = EvalConfig()
+    """How runs are judged: CLIP for any prior (``pdray eval``, summary.json, report.html)."""
     wandb: Literal["offline", "online", "off"] = "offline"
     """W&B mode; online reads WANDB_API_KEY from the environment."""
 

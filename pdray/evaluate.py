@@ -1,27 +1,43 @@
-"""Evaluation of particles from fixed cameras: views.png, turntable.gif, judge scores, diversity and saturation.
+"""Evaluation of particles from fixed cameras: views.png, turntable.gif, eval.json and the scores of every judge.
 
-With the toy prior, the judge says whether each view shows the prompt (the analogue of CLIP R-precision)
-and gives features for diversity. With any other prior the diversity fallback is the mean pairwise RGB
-distance of 32x32 renders (documented, cruder: it also counts pose-independent colour changes). Every prior gets
-the foreground saturation of the views (``pdray.metrics``), averaged over particles (the over-saturation symptom),
-their brightness, haze (faint fringe pixels per solid pixel) and the number of distinct dominant hues.
+Three judges, each named beside its numbers (``Evaluation.judge_of``):
+- ``toy``: with the toy prior, the toy world's judge says whether each view shows the prompt (the analogue of CLIP
+  R-precision) and gives features for diversity;
+- ``clip``: with ``eval.clip_model`` set, CLIP score, CLIP R-precision, and diversity and Vendi score of the
+  particles' CLIP embeddings (``pdray.clip_judge``), for any prior;
+- ``pixels``: image statistics every prior gets: the foreground saturation of the views (``pdray.metrics``),
+  averaged over particles (the over-saturation symptom), their brightness, haze (faint fringe pixels per solid
+  pixel), the number of distinct dominant hues, and without the toy judge a diversity fallback, the mean pairwise
+  RGB distance of 32x32 renders (cruder: it also counts pose-independent colour changes).
+
+The run's evaluation is always computed from what is on disk (``evaluate_folder``): at the end of a run, at a
+checkpoint, after the mesh stage and in ``pdray eval`` alike, so the numbers do not depend on when they were taken.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import imageio.v3 as iio
 import torch
 import torch.nn.functional as F
 
 from pdray.cameras import Cameras, orbit_cameras
-from pdray.config import RunConfig
+from pdray.clip_judge import DISTRACTORS, ClipJudge, ClipNotFoundError, load_clip_judge
+from pdray.config import ConfigError, RunConfig, load_config
+from pdray.files import write_json
 from pdray.imaging import save_gif, save_png
-from pdray.metrics import dominant_hue, foreground_brightness, foreground_saturation, haze
+from pdray.metrics import HUE_BINS, dominant_hue, foreground_brightness, foreground_saturation, haze
 from pdray.priors.diffusion import TOY_MODEL, TOY_MODEL_DIR
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
-from pdray.tracking import mean_pairwise_distance
+from pdray.tracking import Tracker, mean_pairwise_distance
+
+EVAL_FILE = "eval.json"
+TOY_JUDGE = "the toy world's judge (a shape, colour and view classifier shipped with the toy prior)"
+PIXELS = "image statistics of the renders"
 
 
 def eval_cameras(config: RunConfig, n: int) -> Cameras:
@@ -29,17 +45,37 @@ def eval_cameras(config: RunConfig, n: int) -> Cameras:
     return orbit_cameras(n, elevation=15.0, distance=sum(c.distance) / 2, fov=sum(c.fov) / 2)
 
 
-def evaluate_particles(config: RunConfig, group, run_dir: Path, turntable_frames: int = 24) -> dict[str, Any]:
-    """Write each particle's views.png and turntable.gif, and return judge scores and diversity."""
+def render_views(config: RunConfig, group, run_dir: Path, turntable_frames: int = 24) -> None:
+    """Each particle's views.png from the fixed evaluation orbit, and its turntable.gif unless ``turntable_frames``
+    is 0. ``group`` is anything with ``images(cameras) -> {particle id: [V, 3, H, W]}``."""
     is_3d = config.particle == "nerf"
     views = group.images(eval_cameras(config, config.eval_views if is_3d else 1))
-    turntables = group.images(eval_cameras(config, turntable_frames)) if is_3d else {}
+    turntables = group.images(eval_cameras(config, turntable_frames)) if is_3d and turntable_frames else {}
     for pid, images in views.items():
         folder = run_dir / "particles" / f"{pid:02d}"
         save_png(torch.cat(list(images), dim=2), folder / "views.png")
-        if is_3d:
+        if pid in turntables:
             save_gif(turntables[pid], folder / "turntable.gif")
-    return score_views(config, views)
+
+
+def evaluate_particles(
+    config: RunConfig, group, run_dir: Path, turntable_frames: int = 24, step: int | None = None
+) -> dict[str, Any]:
+    """At the end of a run: render the views and turntables, judge the run folder (``evaluate_folder``: eval.json,
+    report.html) and return its metrics for summary.json. ``step`` defaults to the last."""
+    render_views(config, group, run_dir, turntable_frames)
+    report = evaluate_folder(run_dir, config, step=config.steps if step is None else step)
+    return report["stages"]["nerf"]["metrics"]
+
+
+def evaluate_checkpoint(config: RunConfig, group, run_dir: Path, step: int, tracker: Tracker) -> dict[str, Any]:
+    """At a checkpoint: render the views (no turntables: they cost 3x the views), judge the run folder (eval.json,
+    report.html, so a user can watch the run) and log the metrics and the per-particle table to W&B.
+    Returns eval.json's content."""
+    render_views(config, group, run_dir, turntable_frames=0)
+    report = evaluate_folder(run_dir, config, step=step)
+    tracker.log_evaluation(step, report)
+    return report
 
 
 @torch.no_grad()
@@ -72,3 +108,173 @@ def score_views(config: RunConfig, views: dict[int, torch.Tensor]) -> dict[str, 
         result["diversity"] = mean_pairwise_distance(torch.stack(small))
         result["diversity_measure"] = "mean pairwise RGB distance of 32x32 renders"
     return result
+
+
+@dataclass
+class Evaluation:
+    """What the judges say about one stage's views: the run's metrics, the judge behind each, one row per particle."""
+
+    metrics: dict[str, Any]
+    judge_of: dict[str, str]
+    """Metric name -> "toy", "clip" or "pixels" (the keys of eval.json's ``judges``)."""
+    particles: list[dict[str, Any]]
+    """Per particle: its id, dominant hue (degrees, None when grey), CLIP score, judged colour and agreement."""
+
+
+PIXEL_METRICS = ("saturation", "brightness", "haze", "distinct_hues")
+"""The image statistics every prior gets (``score_views``); the rest of its metrics are the toy judge's."""
+
+
+def judge_views(config: RunConfig, views: dict[int, torch.Tensor], clip: ClipJudge | None = None) -> Evaluation:
+    """Every judge that applies to this run on views {particle id: [V, 3, H, W] in [0, 1]}; CLIP's if given."""
+    metrics = score_views(config, views)
+    toy = "judge_agreement" in metrics
+    judge_of = {k: "pixels" if k in PIXEL_METRICS or not toy else "toy" for k in metrics}
+    clip_scores: dict[int, float] = {}
+    if clip is not None:
+        distractors = config.eval.distractors if config.eval.distractors is not None else DISTRACTORS
+        clip_metrics, clip_scores = clip.metrics(config.prompt, views, distractors)
+        metrics |= clip_metrics
+        judge_of |= dict.fromkeys(clip_metrics, "clip")
+    particles = []
+    colours = metrics.get("judged_colours", [])
+    for i, (pid, images) in enumerate(views.items()):
+        hue_bin = dominant_hue(images)
+        row: dict[str, Any] = {"particle": pid, "hue": None if hue_bin < 0 else hue_bin * 360 // HUE_BINS}
+        if pid in clip_scores:
+            row["clip_score"] = clip_scores[pid]
+        if toy:
+            row["judged_colour"] = colours[i]
+            row["judge_agreement"] = metrics["judge_agreement_per_particle"][pid]
+        particles.append(row)
+    return Evaluation(metrics, judge_of, particles)
+
+
+def _frames(path: Path) -> torch.Tensor:
+    """An image file (a PNG row of square views, or a GIF's frames) -> [V, 3, H, H] in [0, 1]."""
+    array = torch.from_numpy(iio.imread(path, index=None if path.suffix == ".gif" else 0))[..., :3]
+    if array.ndim == 3:  # one PNG strip of square views side by side
+        h = array.shape[0]
+        array = array.unflatten(1, (array.shape[1] // h, h)).movedim(1, 0)
+    return array.permute(0, 3, 1, 2).float() / 255
+
+
+def load_views(run_dir: Path, stage: str = "nerf") -> dict[int, torch.Tensor]:
+    """The particles' views on disk: particles/NN/views.png (stage "nerf": NeRF or 2D particles) or
+    particles/NN/mesh/turntable.gif (stage "mesh"); particles without the file are left out."""
+    name = "views.png" if stage == "nerf" else "mesh/turntable.gif"
+    return {
+        int(folder.name): _frames(folder / name)
+        for folder in sorted((run_dir / "particles").glob("[0-9]*"))
+        if (folder / name).is_file()
+    }
+
+
+def run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The run's saved config.yaml with ``--set``-style overrides (e.g. ``eval.clip_model=...``)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
+    return load_config(str(run_dir / "config.yaml"), overrides)
+
+
+def run_step(run_dir: Path) -> int | None:
+    """The step the run folder's particles are at: summary.json's steps done, else the latest checkpoint's."""
+    for path, key in ((run_dir / "summary.json", "steps_done"), (run_dir / "checkpoints/latest/state.json", "step")):
+        try:
+            return int(json.loads(path.read_text())[key])
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def evaluate_folder(
+    run_dir: Path, config: RunConfig | None = None, step: int | None = None, strict: bool = False
+) -> dict[str, Any]:
+    """Judge a run folder from its files, write eval.json and refresh report.html; returns eval.json's content.
+
+    Stages: "nerf" from each particle's views.png, "mesh" from its mesh turntable where the mesh stage ran.
+    ``config`` defaults to the folder's config.yaml, ``step`` to the step its files record. A missing CLIP raises
+    ClipNotFoundError when ``strict`` (``pdray eval``); otherwise (the end of a run) it is said in one line and
+    recorded under ``judges``, and the other judges still judge: a finished run never fails on its evaluation."""
+    from pdray.report import write_run_report
+
+    config = config or run_config(run_dir)
+    judges = {"pixels": PIXELS}
+    clip = None
+    if config.eval.clip_model:
+        try:
+            clip = load_clip_judge(config.eval.clip_model)
+            judges["clip"] = f"CLIP {config.eval.clip_model}"
+        except ClipNotFoundError as err:
+            if strict:
+                raise
+            print(f"evaluation without CLIP: {err}", flush=True)
+            judges["clip"] = f"unavailable: {err}"
+    stages = {}
+    for stage in ("nerf", "mesh"):
+        views = load_views(run_dir, stage)
+        if views:
+            stages[stage] = asdict(judge_views(config, views, clip))
+    if "nerf" not in stages:
+        raise FileNotFoundError(f"{run_dir} holds no particle views yet (particles/NN/views.png)")
+    if any(v == "toy" for s in stages.values() for v in s["judge_of"].values()):
+        judges["toy"] = TOY_JUDGE
+    report = {
+        "prompt": config.prompt,
+        "particles": len(stages["nerf"]["particles"]),
+        "step": run_step(run_dir) if step is None else step,
+        "judges": judges,
+        "stages": stages,
+    }
+    write_json(run_dir / EVAL_FILE, report)
+    write_run_report(run_dir)
+    return report
+
+
+TABLE_METRICS = (
+    "clip_score",
+    "clip_r_precision",
+    "clip_vendi",
+    "clip_diversity",
+    "judge_agreement",
+    "judge_confidence",
+    "colour_entropy_fraction",
+    "diversity",
+    "distinct_hues",
+    "saturation",
+    "brightness",
+    "haze",
+)
+"""The metrics ``pdray eval`` prints and report.html shows, in this order (those a run has)."""
+
+
+def format_evaluation(report: dict[str, Any]) -> str:
+    """eval.json as a plain-text table: one line per metric (a column per stage, and its judge), then particles."""
+    stages = list(report["stages"])
+    lines = [f"{report['prompt']!r}, {report['particles']} particles, step {report['step']}"]
+    header = f"{'metric':<26}" + "".join(f"{s:>10}" for s in stages) + "  judge"
+    lines += [header, "-" * len(header)]
+    for name in TABLE_METRICS:
+        present = [s for s in stages if name in report["stages"][s]["metrics"]]
+        if not present:
+            continue
+        values = "".join(f"{_fmt(report['stages'][s]['metrics'].get(name)):>10}" for s in stages)
+        judge = report["stages"][present[0]]["judge_of"][name]
+        lines.append(f"{name:<26}{values}  {judge}")
+    chance = report["stages"]["nerf"]["metrics"].get("clip_r_precision_chance")
+    if chance is not None:
+        lines.append(f"(R-precision by chance: {chance:.3f})")
+    lines.append("")
+    columns = list(dict.fromkeys(k for row in report["stages"]["nerf"]["particles"] for k in row))
+    lines.append("".join(f"{c:>16}" for c in columns))
+    lines += ["".join(f"{_fmt(row.get(c)):>16}" for c in columns) for row in report["stages"]["nerf"]["particles"]]
+    lines.append("judges: " + "; ".join(f"{k}: {v}" for k, v in report["judges"].items()))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value + 0.0:.4g}"
+    return str(value)

@@ -27,7 +27,7 @@ from pdray.cameras import CameraRanges, Cameras, sample_cameras
 from pdray.checkpoint import load_particle_tensors
 from pdray.config import RunConfig
 from pdray.distill import drop_nonfinite, surrogate_loss
-from pdray.evaluate import eval_cameras, score_views
+from pdray.evaluate import eval_cameras, evaluate_folder, score_views
 from pdray.files import write_bytes, write_json
 from pdray.geometry.dmtet import DMTet
 from pdray.geometry.mesh import export_mesh, laplacian_smoothness, normal_consistency
@@ -253,7 +253,8 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
 
 
 def record_mesh_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Set ``summary.json["mesh"]`` (merged per particle with an earlier export), written atomically."""
+    """Set ``summary.json["mesh"]`` (merged per particle with an earlier export), written atomically, and judge the
+    run folder again (eval.json and report.html gain the meshes' turntables and files)."""
     path = run_dir / "summary.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     previous = data.get("mesh", {})
@@ -264,4 +265,6 @@ def record_mesh_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any
         "failed": _by_particle(failed | summary["failed"]),
     }
     write_json(path, data)
+    if any((run_dir / "particles").glob("*/views.png")):
+        evaluate_folder(run_dir)  # eval.json and report.html show the meshes finished so far
     return data["mesh"]

@@ -4,7 +4,8 @@ An executor says where particles and the score model live (one process: ``pdray.
 ``pdray.cluster.driver``); this loop is the only place that decides what happens when:
 
     restore the last checkpoint (resume) or write step 0's
-    for each step: executor.step(step) -> stats; log every log_every; checkpoint every checkpoint_every
+    for each step: executor.step(step) -> stats; log every log_every; checkpoint every checkpoint_every, with
+        the views, eval.json, report.html and W&B's per-particle table refreshed
     SIGINT / SIGTERM: the step in flight finishes, the state after it is checkpointed under its step, RunStopped
     a lost worker (executor.lost): the last checkpoint is restored everywhere and the loop goes on from its step
     the end: a last checkpoint, evaluation views and judge scores, summary.json
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from pdray.cameras import Cameras
 from pdray.checkpoint import config_digest, load_checkpoint, save_checkpoint
 from pdray.config import RunConfig, save_config
-from pdray.evaluate import eval_cameras, evaluate_particles
+from pdray.evaluate import eval_cameras, evaluate_checkpoint, evaluate_particles
 from pdray.tracking import Tracker, WandbLabels, run_summary
 
 T = TypeVar("T")
@@ -170,6 +171,7 @@ class Loop:
                 step += 1
                 if step % config.checkpoint_every == 0 and step < config.steps:
                     self.checkpoint(step)
+                    evaluate_checkpoint(config, executor, self.run_dir, step, tracker)  # eval.json, report.html
             except executor.lost as err:
                 step = self.recover(err, f"step {step}")
                 bar.n = step

@@ -26,6 +26,10 @@ from pdray.config import ConfigError, RunConfig, config_to_yaml, load_config
 from pdray.files import write_bytes, write_text
 
 METRICS = (
+    "clip_score",
+    "clip_r_precision",
+    "clip_vendi",
+    "clip_diversity",
     "judge_agreement",
     "diversity",
     "colour_entropy_fraction",
@@ -35,7 +39,8 @@ METRICS = (
     "wall_time_s",
     "steps_per_s",
 )
-"""The study table's metric columns, read from each run's summary.json."""
+"""The study table's metric columns, read from each run's summary.json (or eval.json for ``pdray eval``): the CLIP
+judge's (with ``eval.clip_model``), the toy judge's (toy prior), image statistics and times."""
 FIXED_BY_STUDY = ("executor", "wandb", "ray")
 """Knobs a study sets itself: every cell runs the local executor inside its Ray task, W&B mode is --wandb."""
 
@@ -208,6 +213,7 @@ def run_study(spec: StudySpec, study_dir: Path, resume: bool = False) -> list[di
     from tqdm.auto import tqdm
 
     from pdray.cluster.study_tasks import run_cells, study_scratch
+    from pdray.report import write_study_report
     from pdray.study_report import write_figures, write_report
     from pdray.tracking import log_study
 
@@ -277,6 +283,36 @@ def run_study(spec: StudySpec, study_dir: Path, resume: bool = False) -> list[di
     write_table(study_dir, meta, table())
     figures = write_figures(study_dir, table(), [a.key for a in spec.axes])
     write_report(study_dir, meta, table(), figures)
+    write_study_report(study_dir, meta, table(), figures, [a.key for a in spec.axes])
     if spec.wandb != "off":
         log_study(study_dir, name, spec.wandb, meta, table(), figures)
     return table()
+
+
+def evaluate_study(study_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Judge every finished cell of a study from its run folder (``evaluate_folder``: its eval.json and report.html),
+    then write STUDY_DIR/eval.json (the study's rows with the fresh metrics), the figures and report.html.
+
+    ``overrides`` apply to every run's saved config (``eval.clip_model=...``). Returns STUDY_DIR/eval.json's content."""
+    from pdray.evaluate import evaluate_folder, run_config
+    from pdray.report import write_study_report
+    from pdray.study_report import write_figures
+
+    try:
+        meta = json.loads((study_dir / "study.json").read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{study_dir} is not a study folder (no readable study.json)") from None
+    rows = []
+    for row in meta.pop("cells"):
+        run_dir = study_dir / "runs" / row["cell"]
+        if row.get("status") == "done" and (run_dir / "config.yaml").is_file():
+            metrics = evaluate_folder(run_dir, run_config(run_dir, overrides), strict=True)["stages"]["nerf"]["metrics"]
+            row = row | {k: metrics.get(k) for k in METRICS if k in metrics or k.startswith("clip_")}
+            row["judged_colours"] = " ".join(metrics.get("judged_colours", []))
+        rows.append(row)
+    report = {**meta, "cells": rows}
+    write_text(study_dir / "eval.json", json.dumps(report, indent=2))
+    varied = list(meta.get("vary", {}))
+    figures = write_figures(study_dir, rows, varied)
+    write_study_report(study_dir, meta, rows, figures, varied)
+    return report

@@ -138,9 +138,9 @@ REPORT_COLUMNS = ("guidance", "cfg", "particles", "seed", *METRICS, "judged_colo
 
 
 def markdown_table(rows: list[dict[str, Any]], varied: list[str]) -> str:
-    """The table as markdown: the varied keys, then the metrics and status."""
+    """The table as markdown: the varied keys, then the metrics that some row has, and status."""
     columns = ["cell"] + [c for c in (*varied, *REPORT_COLUMNS) if c not in ("cell",)]
-    columns = list(dict.fromkeys(columns))
+    columns = [c for c in dict.fromkeys(columns) if c not in METRICS or any(row.get(c) is not None for row in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
@@ -161,7 +161,9 @@ def write_report(study_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any
         "Fidelity is the toy judge's agreement with the prompt; diversity the mean pairwise distance of the judge's",
         "features of the particles (RGB without a judge); colour_entropy_fraction the entropy of the particles'",
         "judged colours over log 6; saturation the mean HSV saturation of foreground pixels. Times are the",
-        "optimisation loop's wall time and steps per second. Run folders: `runs/<cell>/`.",
+        "optimisation loop's wall time and steps per second. With `eval.clip_model`, clip_* are CLIP's: CLIP score,",
+        "R-precision against distractor prompts, Vendi score and mean pairwise cosine distance of the particles'",
+        "CLIP embeddings. Run folders: `runs/<cell>/`; `report.html` shows every particle.",
         "",
         markdown_table(rows, [*meta["vary"], "seed"]),
         "",

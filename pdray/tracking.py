@@ -1,4 +1,4 @@
-"""What a run records: metrics.jsonl and summary.json on disk, and one W&B run (offline by default).
+"""What a run records: metrics.jsonl, summary.json and report.html on disk, and one W&B run (offline by default).
 
 Only the driver logs, so W&B steps stay monotonic; the step is the VSD step (``vsd_step`` metric).
 The W&B API key is read by wandb itself from the environment and never written or logged by pdray.
@@ -70,10 +70,40 @@ class Tracker:
             table.add_data(pid, wandb.Image(to_uint8(torch.cat(list(views), dim=2))))
         self.wandb.log({"vsd_step": step, "particles": table})
 
+    def log_evaluation(self, step: int, evaluation: dict[str, Any]) -> None:
+        """eval.json's content (``pdray.evaluate.evaluate_folder``) into W&B: each stage's scalar metrics as
+        ``eval/<stage>/<metric>``, and a table with one row per particle (views, CLIP score, hue, judged colour)."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        scalars = {
+            f"eval/{stage}/{k}": v
+            for stage, result in evaluation["stages"].items()
+            for k, v in result["metrics"].items()
+            if isinstance(v, (int, float))
+        }
+        rows = evaluation["stages"]["nerf"]["particles"]
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        table = wandb.Table(columns=[*columns, "views"])
+        for row in rows:
+            views = self.run_dir / "particles" / f"{row['particle']:02d}" / "views.png"
+            image = wandb.Image(str(views)) if views.is_file() else None
+            table.add_data(*(row.get(c) for c in columns), image)
+        self.wandb.log({"vsd_step": step, **scalars, "eval/particles": table})
+
     def summary(self, data: dict[str, Any]) -> None:
+        """Write summary.json, log the run's last evaluation (eval.json, when there is one) to W&B and refresh
+        report.html, which shows both."""
+        from pdray.report import write_run_report
+
         write_json(self.run_dir / "summary.json", data)
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in data.items() if isinstance(v, (int, float, str))})
+            evaluation = self.run_dir / "eval.json"
+            if evaluation.is_file():
+                self.log_evaluation(int(data.get("steps_done", 0)), json.loads(evaluation.read_text()))
+        write_run_report(self.run_dir)
 
     def finish(self) -> None:
         """Close the W&B run. Stopping a Ray job signals its whole process tree, W&B's service too; when that service

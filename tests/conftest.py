@@ -17,6 +17,36 @@ import torch
 torch.set_num_threads(2)
 
 
+def tiny_vocab() -> dict[str, int]:
+    """A character-level BPE vocabulary (no merges) for tiny CLIP tokenizers."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + ",.!":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    return vocab
+
+
+def build_tiny_clip(folder: Path) -> Path:
+    """A randomly initialised CLIP (text and vision towers, 32 px images) with its processor, saved with
+    save_pretrained so it loads through exactly the offline path a real CLIP does."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    torch.manual_seed(0)
+    vocab = tiny_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32, unk_token="<|endoftext|>")
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=text
+        | dict(vocab_size=len(vocab), max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=text | dict(image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
 def build_tiny_pipeline(folder: Path, prediction_type: str = "epsilon") -> Path:
     """A randomly initialised SD-format pipeline (VAE, UNet, CLIP text encoder + BPE tokenizer, scheduler),
     saved with save_pretrained so it loads through exactly the path a real model does."""
@@ -26,10 +56,7 @@ def build_tiny_pipeline(folder: Path, prediction_type: str = "epsilon") -> Path:
     from pdray.priors.toyworld.model import write_model_index
 
     torch.manual_seed(0)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in string.ascii_lowercase + ",.!":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
+    vocab = tiny_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=12, unk_token="<|endoftext|>")
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -90,6 +117,11 @@ def build_tiny_pipeline(folder: Path, prediction_type: str = "epsilon") -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-eps"), "epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ runner = CliRunner()
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("doctor", "sample", "run", "resume", "export", "submit", "jobs", "study", "prior"):
+    for command in ("doctor", "sample", "run", "resume", "export", "submit", "jobs", "study", "eval", "prior"):
         assert command in result.output
 
 
@@ -114,6 +114,8 @@ def test_pdray_run_end_to_end_on_the_tiny_prior(tiny_model, tmp_path):
         "checkpoints/latest/state.json",
         "particles/00/views.png",
         "particles/01/turntable.gif",
+        "eval.json",
+        "report.html",
     ):
         assert (out / name).exists(), name
     again = runner.invoke(app, args)

@@ -174,6 +174,9 @@ def test_pdray_run_with_the_mesh_stage_then_export_one_particle(tiny_model, tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps_done"] == 2 and list(summary["mesh"]["particles"]) == ["0"]
     assert summary["mesh"]["failed"] == {} and summary["mesh"]["config"]["texture_steps"] == 2
+    evaluation = json.loads((out / "eval.json").read_text())  # judged again with the mesh's turntable
+    assert list(evaluation["stages"]) == ["nerf", "mesh"] and len(evaluation["stages"]["mesh"]["particles"]) == 1
+    assert 'href="particles/00/mesh/model.glb?v=' in (out / "report.html").read_text()
 
     result = runner.invoke(app, ["export", str(out), "--particle", "0", "--set", "mesh.texture_resolution=16"])
     assert result.exit_code == 0, result.output

@@ -144,6 +144,8 @@ def test_a_2x2_grid_of_tiny_runs_fills_the_study_and_resume_skips_finished_cells
     for name in ("diversity_vs_particles", "fidelity_saturation_vs_cfg", "contact_sheet"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 0
         assert f"figures/{name}.png" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()  # the study's page links each run's page
+    assert 'href="runs/guidance%3Dsds%2Cparticles%3D2%2Cseed%3D0/report.html"' in page
     run = out / "runs" / "guidance=sds,particles=2,seed=0"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["particles"] == 2 and 0.0 <= summary["saturation"] <= 1.0
