@@ -3,6 +3,7 @@ local Ray cluster with resume, a killed cell and a failing cell (slow)."""
 
 import json
 import math
+import os
 import threading
 import time
 
@@ -205,3 +206,26 @@ def test_a_killed_cell_is_retried_and_a_failing_cell_never_sinks_the_study(local
     assert [c["status"] for c in cells] == ["done", "failed"] and cells[1]["attempts"] == 2
     assert "missing" in cells[1]["error"] and "failed" in (tmp_path / "fail" / "report.md").read_text()
     assert (tmp_path / "fail" / "figures" / "contact_sheet.png").exists()
+
+
+def test_a_studys_scratch_folder_is_removed_on_every_exit_and_stale_ones_are_swept(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from pdray.cluster.study_tasks import SCRATCH_PREFIX, study_scratch, sweep_stale_scratch
+
+    with pytest.raises(KeyboardInterrupt), study_scratch(tmp_path) as scratch:
+        (scratch / "cell-x").mkdir()
+        raise KeyboardInterrupt  # Ctrl-C (and SIGTERM, which `pdray study` turns into it)
+    assert not scratch.exists()
+    # A driver killed with SIGKILL leaves its folder; the next study on this host removes it, not a live one's.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f"{SCRATCH_PREFIX}{host}@{dead.stdout.strip()}-abcd"
+    live = tmp_path / f"{SCRATCH_PREFIX}{host}@{os.getpid()}-abcd"
+    other_host = tmp_path / f"{SCRATCH_PREFIX}elsewhere@{dead.stdout.strip()}-abcd"
+    for folder in (stale, live, other_host):
+        (folder / "cell-y").mkdir(parents=True)
+    assert sweep_stale_scratch(tmp_path) == [stale]
+    assert live.exists() and other_host.exists() and not stale.exists()
