@@ -35,6 +35,7 @@ th { background: #eee; } td.l, th.l { text-align: left; }
 img.px { image-rendering: pixelated; background: #fff; border: 1px solid #ddd; }
 .particles { display: flex; flex-wrap: wrap; gap: 1em; }
 .particle { background: #fff; border: 1px solid #ddd; padding: 0.6em; border-radius: 4px; }
+.particle { max-width: 100%; overflow-x: auto; }
 .particle h3 { margin: 0 0 0.4em 0; font-size: 1em; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; border: 1px solid #999; vertical-align: middle; }
 pre { background: #fff; border: 1px solid #ddd; padding: 0.6em; font-size: 0.8em; overflow-x: auto; }
