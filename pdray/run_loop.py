@@ -171,7 +171,8 @@ class Loop:
                 step += 1
                 if step % config.checkpoint_every == 0 and step < config.steps:
                     self.checkpoint(step)
-                    evaluate_checkpoint(config, executor, self.run_dir, step, tracker)  # eval.json, report.html
+                    if stop.requested is None:  # a stop should not wait for the views
+                        evaluate_checkpoint(config, executor, self.run_dir, step, tracker)  # eval.json, report.html
             except executor.lost as err:
                 step = self.recover(err, f"step {step}")
                 bar.n = step

@@ -55,7 +55,7 @@ class Tracker:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None and to_wandb:
-            self.wandb.log({"vsd_step": step, **metrics})
+            self._wandb_log({"vsd_step": step, **metrics})
 
     def log_particles(self, step: int, images: dict[int, torch.Tensor]) -> None:
         """Per-particle render grids: one image per particle and a table with one row per particle."""
@@ -68,7 +68,7 @@ class Tracker:
         table = wandb.Table(columns=["particle", "views"])
         for pid, views in images.items():
             table.add_data(pid, wandb.Image(to_uint8(torch.cat(list(views), dim=2))))
-        self.wandb.log({"vsd_step": step, "particles": table})
+        self._wandb_log({"vsd_step": step, "particles": table})
 
     def log_evaluation(self, step: int, evaluation: dict[str, Any]) -> None:
         """eval.json's content (``pdray.evaluate.evaluate_folder``) into W&B: each stage's scalar metrics as
@@ -90,7 +90,7 @@ class Tracker:
             views = self.run_dir / "particles" / f"{row['particle']:02d}" / "views.png"
             image = wandb.Image(str(views)) if views.is_file() else None
             table.add_data(*(row.get(c) for c in columns), image)
-        self.wandb.log({"vsd_step": step, **scalars, "eval/particles": table})
+        self._wandb_log({"vsd_step": step, **scalars, "eval/particles": table})
 
     def summary(self, data: dict[str, Any]) -> None:
         """Write summary.json, log the run's last evaluation (eval.json, when there is one) to W&B and refresh
@@ -104,6 +104,15 @@ class Tracker:
             if evaluation.is_file():
                 self.log_evaluation(int(data.get("steps_done", 0)), json.loads(evaluation.read_text()))
         write_run_report(self.run_dir)
+
+    def _wandb_log(self, data: dict[str, Any]) -> None:
+        """wandb.log; if W&B's service is gone (a job stop signals the whole process group), W&B is dropped for the
+        rest of the run and the files on disk stay the record."""
+        try:
+            self.wandb.log(data)
+        except ConnectionError:
+            print("W&B's service has stopped: logging to metrics.jsonl only from here", flush=True)
+            self.wandb = None
 
     def finish(self) -> None:
         """Close the W&B run. Stopping a Ray job signals its whole process tree, W&B's service too; when that service
