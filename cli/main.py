@@ -236,10 +236,10 @@ def nerf_stage_done(run_config, run_dir: Path) -> bool:
     """Whether the run folder holds the finished NeRF stage of this config: its last checkpoint and summary."""
     import json
 
-    from pdray.checkpoint import checkpoint_folder
+    from pdray.checkpoint import checkpoint_step
 
     try:
-        step = json.loads((checkpoint_folder(run_dir) / "state.json").read_text())["step"]
+        step = checkpoint_step(run_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return False
@@ -287,11 +287,10 @@ def export(
     executor: Annotated[str | None, typer.Option(help="local (one process) or ray (default: the run's).")] = None,
 ) -> None:
     """Run the mesh stage on a finished run: textured GLB and OBJ meshes into particles/NN/mesh/."""
-    import json
 
     import torch
 
-    from pdray.checkpoint import checkpoint_folder
+    from pdray.checkpoint import checkpoint_step
     from pdray.config import load_config
 
     if not (run_dir / "config.yaml").exists():
@@ -301,7 +300,7 @@ def export(
         fail(f"{run_dir} holds 2D image particles; the mesh stage needs NeRF particles")
     if particle is not None and particle >= run_config.particles:
         fail(f"--particle {particle}: the run has particles 0 to {run_config.particles - 1}")
-    step = json.loads((checkpoint_folder(run_dir) / "state.json").read_text())["step"]
+    step = checkpoint_step(run_dir)
     if step < run_config.steps:
         typer.echo(f"warning: the run stopped at step {step} of {run_config.steps}; meshing that checkpoint", err=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))

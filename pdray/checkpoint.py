@@ -77,6 +77,11 @@ def checkpoint_folder(run_dir: Path) -> Path:
     return folder
 
 
+def checkpoint_step(run_dir: Path) -> int:
+    """The step of the run folder's last checkpoint, read without loading its tensors."""
+    return int(json.loads((checkpoint_folder(run_dir) / "state.json").read_text())["step"])
+
+
 def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """state.json and every NAME.safetensors of checkpoints/latest (falls back to latest.old after a crash)."""
     folder = checkpoint_folder(run_dir)

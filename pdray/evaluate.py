@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pdray.cameras import Cameras, orbit_cameras
+from pdray.checkpoint import checkpoint_step
 from pdray.clip_judge import DISTRACTORS, ClipJudge, ClipNotFoundError, load_clip_judge
 from pdray.config import ConfigError, RunConfig, load_config
 from pdray.files import write_json
@@ -179,12 +180,14 @@ def run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
 
 def run_step(run_dir: Path) -> int | None:
     """The step the run folder's particles are at: summary.json's steps done, else the latest checkpoint's."""
-    for path, key in ((run_dir / "summary.json", "steps_done"), (run_dir / "checkpoints/latest/state.json", "step")):
-        try:
-            return int(json.loads(path.read_text())[key])
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text())["steps_done"])
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        return checkpoint_step(run_dir)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def evaluate_folder(

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pdray.cameras import Cameras
-from pdray.checkpoint import config_digest, load_checkpoint, save_checkpoint
+from pdray.checkpoint import checkpoint_step, config_digest, load_checkpoint, save_checkpoint
 from pdray.config import RunConfig, save_config
 from pdray.evaluate import eval_cameras, evaluate_checkpoint, evaluate_particles
 from pdray.tracking import Tracker, WandbLabels, run_summary
@@ -148,7 +148,7 @@ class Loop:
         try:
             self.checkpoint(step)
         except self.executor.lost:
-            step = int(load_checkpoint(self.run_dir)[0]["step"])
+            step = checkpoint_step(self.run_dir)
             tqdm.write(f"a worker was lost while stopping: the checkpoint of step {step} stands")
         tracker.finish()
         return RunStopped(step, self.run_dir)
