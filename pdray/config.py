@@ -159,6 +159,8 @@ class RayConfig(Section):
     """GPUs per particle actor (fractions allowed); default from placement."""
     max_restarts: Annotated[int, Field(ge=-1)] = 3
     """Restarts allowed per actor before the run fails (-1: unlimited)."""
+    score_replicas: Annotated[int, Field(ge=1)] = 1
+    """ScoreActor replicas: each scores a shard of the particle actors; they average LoRA gradients to keep one LoRA."""
 
 
 class MeshConfig(Section):
@@ -276,6 +278,11 @@ class RunConfig(Section):
             raise ValueError("particle_score: gaussian needs camera.shared: true (one fit per shared camera)")
         if "mesh" in self.stages and self.particle != "nerf":
             raise ValueError("stages: the mesh stage needs NeRF particles; image particles take stages=[nerf]")
+        replicas = self.ray.score_replicas
+        if replicas > self.particles:
+            raise ValueError(f"ray.score_replicas: {replicas} replicas need at least {replicas} particles")
+        if self.ray.actors is not None and replicas > self.ray.actors:
+            raise ValueError(f"ray.score_replicas: {replicas} replicas need at least {replicas} particle actors")
         return self
 
 

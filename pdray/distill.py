@@ -80,11 +80,32 @@ def gaussian_eps(
     scales that push (1: the fitted Gaussian's own; 0: SDS).
     noise, latents: [B, C, h, w]; alpha_bar_t: [B, 1, 1, 1]; groups: [B] int. -> eps [B, C, h, w], float32.
     """
-    a, z = alpha_bar_t.float(), latents.float()
+    mean, variance = gaussian_fit(latents, groups)
+    return gaussian_push(noise, alpha_bar_t, latents, mean, variance, repulsion)
+
+
+def gaussian_fit(latents: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian of ``gaussian_eps`` for each latent's group: mean [B, C, h, w] and per-channel variance
+    [B, C, 1, 1] (zero for a group of one). latents: [B, C, h, w]; groups: [B] int."""
+    z = latents.float()
     mean, variance = torch.empty_like(z), torch.zeros(z.shape[0], z.shape[1], 1, 1, device=z.device)
     for group in groups.unique():
         members = groups == group
         mean[members] = z[members].mean(0, keepdim=True)
         if int(members.sum()) > 1:
             variance[members] = z[members].var(0, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    return mean, variance
+
+
+def gaussian_push(
+    noise: torch.Tensor,
+    alpha_bar_t: torch.Tensor,
+    latents: torch.Tensor,
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    repulsion: float = 1.0,
+) -> torch.Tensor:
+    """``gaussian_eps`` from a fit made elsewhere (a score replica fits all particles, then scores its own).
+    noise, latents, mean: [B, C, h, w]; alpha_bar_t: [B, 1, 1, 1]; variance: [B, C, 1, 1]."""
+    a, z = alpha_bar_t.float(), latents.float()
     return noise.float() + repulsion * (a * (1 - a)).sqrt() * (z - mean) / (a * variance + 1 - a)

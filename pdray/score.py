@@ -9,18 +9,20 @@ directly.
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Sequence
 
 import torch
 
 from pdray.checkpoint import load_optimizer_tensors, optimizer_tensors
 from pdray.config import RunConfig
-from pdray.distill import gaussian_eps, sample_timesteps, sds_grad, t_bounds, vsd_grad
+from pdray.distill import gaussian_fit, gaussian_push, sample_timesteps, sds_grad, t_bounds, vsd_grad
 from pdray.priors.diffusion import DiffusionPrior
 from pdray.priors.lora import CameraLoRA, LoraDraw
 from pdray.prompts import view_prompt
 from pdray.rng import SHARED, Purpose, Stage, seed_of, stream
-from pdray.types import RenderOut
+from pdray.types import LoraGrads, RenderOut
 
 
 def particle_runs(owners: list[int]) -> list[tuple[int, slice]]:
@@ -67,11 +69,44 @@ class ScoreEstimator:
             noises.append(torch.randn((m, *z.shape[1:]), generator=generator))
         return torch.cat(ts).to(self.prior.device), torch.cat(noises).to(self.prior.device)
 
+    @property
+    def fits_all_particles(self) -> bool:
+        """True when scoring one particle needs every particle's latents (the Gaussian particle score): a score
+        replica is then sent every render of the step and scores only those it serves."""
+        return self.config.guidance == "vsd" and self.lora is None
+
+    def _chunks(self, renders: Sequence[RenderOut]) -> list[slice]:
+        """Slices of the renders' concatenated latents for one UNet call each: at most score_batch_size latents and
+        never two renders' latents in one call, so a particle actor's scores do not depend on what else is batched
+        (R replicas and one give the same numbers, bit for bit)."""
+        out, start = [], 0
+        for render in renders:
+            end = start + render.latents.shape[0]
+            out += [
+                slice(s, min(s + self.config.score_batch_size, end))
+                for s in range(start, end, self.config.score_batch_size)
+            ]
+            start = end
+        return out
+
     @torch.no_grad()
-    def grads(self, step: int, *renders: RenderOut) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """One gradient [V_i, C, h, w] per RenderOut, computed in UNet calls of at most score_batch_size latents."""
+    def grads(
+        self, step: int, *renders: RenderOut, serve: Sequence[int] | None = None
+    ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """One gradient [V_i, C, h, w] per served RenderOut (``serve``: indices into ``renders``; default all),
+        computed in UNet calls of at most score_batch_size latents of one render. The renders not served only enter
+        the Gaussian fit, so a particle's gradient is the same whichever replica scores it."""
         started = time.perf_counter()
-        z, c2w, labels, runs = self._gather(renders)
+        serve = list(range(len(renders))) if serve is None else list(serve)
+        if self.fits_all_particles:  # one Gaussian per shared camera, fitted to every particle's latents
+            z_all, c2w_all, _, _ = self._gather(renders)
+            cameras = torch.unique(c2w_all.flatten(1), dim=0, return_inverse=True)[1]
+            fit_mean, fit_variance = gaussian_fit(z_all, cameras)
+            offsets = [0, *itertools.accumulate(r.latents.shape[0] for r in renders)]
+            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in serve]).to(z_all.device)
+            fit_mean, fit_variance = fit_mean[rows], fit_variance[rows]
+        served = tuple(renders[i] for i in serve)
+        z, c2w, labels, runs = self._gather(served)
         n = z.shape[0]
         bounds = t_bounds(step, self.config.t_range.start, self.config.t_range.end, self.config.t_range.at_step)
         t, noise = self._score_draws(step, z, runs, bounds)
@@ -79,13 +114,10 @@ class ScoreEstimator:
         cond = self.prior.embed(self.prompts(labels))
         uncond = self.prior.embed([self.config.negative_prompt] * n)
         a = self.prior.alpha_bar(t)
-        if self.config.guidance == "vsd" and self.lora is None:  # one Gaussian per shared camera
-            cameras = torch.unique(c2w.flatten(1), dim=0, return_inverse=True)[1]
-            eps_particles = gaussian_eps(noise, a, z, cameras, self.config.gaussian_repulsion)
+        if self.fits_all_particles:
+            eps_particles = gaussian_push(noise, a, z, fit_mean, fit_variance, self.config.gaussian_repulsion)
         out, lora_time = [], 0.0
-        chunk = self.config.score_batch_size
-        for s in range(0, n, chunk):
-            sl = slice(s, s + chunk)
+        for sl in self._chunks(served):
             eps_pre = self.prior.predict_eps(x_t[sl], t[sl], cond[sl], uncond[sl], self.config.cfg)
             if self.config.guidance == "sds":
                 out.append(sds_grad(eps_pre, noise[sl], a[sl]))
@@ -97,7 +129,7 @@ class ScoreEstimator:
                 lora_time += time.perf_counter() - lora_started
                 out.append(vsd_grad(eps_pre, eps_lora, a[sl]))
         grad = torch.cat(out).cpu()
-        sizes = [r.latents.shape[0] for r in renders]
+        sizes = [r.latents.shape[0] for r in served]
         stats = {
             "t_min": float(t.min()),
             "t_max": float(t.max()),
@@ -108,24 +140,44 @@ class ScoreEstimator:
         }
         return list(grad.split(sizes)), stats
 
-    def lora_update(self, step: int, *renders: RenderOut) -> dict[str, float]:
-        """lora.steps_per_update LoRA steps, each on every detached latent of the renders (VSD with a LoRA);
-        nothing otherwise. score_batch_size only chunks the work: the update is the same for any value."""
+    def lora_grads(self, step: int, k: int, *renders: RenderOut) -> list[LoraGrads]:
+        """This replica's share of LoRA step ``k`` of ``step``: one loss gradient per render, summed over its detached
+        latents, each particle's t, noise and camera dropout from its own stream. Summed in particle-actor order by
+        ``lora_apply``, the shares give the same update bit for bit however the actors are sharded over replicas."""
         if self.lora is None:
-            return {}
-        started = time.perf_counter()
-        z, c2w, labels, runs = self._gather(renders)
-        cond = self.prior.embed(self.prompts(labels))
-        losses = []
-        for k in range(self.config.lora.steps_per_update):
+            raise ValueError("lora_grads: this run trains no LoRA (guidance sds or particle_score gaussian)")
+        shares = []
+        for render in renders:
+            z, c2w, labels, runs = self._gather((render,))
+            cond = self.prior.embed(self.prompts(labels))
             draw = LoraDraw.cat(
                 [
                     self.lora.draw(z[sl], stream(self.config.seed, self.stage, Purpose.LORA, pid, step, k))
                     for pid, sl in runs
                 ]
             )
-            losses.append(self.lora.train_step(z, cond, c2w, draw, self.config.score_batch_size))
+            shares.append(self.lora.loss_grads(z, cond, c2w, draw, self.config.score_batch_size))
+        return shares
+
+    def lora_apply(self, *shares: LoraGrads) -> float:
+        """One LoRA optimiser step on the sum of every particle actor's share (in actor order); the mean loss."""
+        if self.lora is None:
+            raise ValueError("lora_apply: this run trains no LoRA (guidance sds or particle_score gaussian)")
+        return self.lora.apply_grads(*shares)
+
+    def lora_update(self, step: int, *renders: RenderOut) -> dict[str, float]:
+        """lora.steps_per_update LoRA steps, each on every detached latent of the renders (VSD with a LoRA);
+        nothing otherwise. score_batch_size only chunks the work: the update is the same for any value."""
+        if self.lora is None:
+            return {}
+        started = time.perf_counter()
+        steps = range(self.config.lora.steps_per_update)
+        losses = [self.lora_apply(*self.lora_grads(step, k, *renders)) for k in steps]
         return {"lora_loss": sum(losses) / len(losses), "time/lora_update": time.perf_counter() - started}
+
+    def lora_digest(self) -> str:
+        """A hash of the LoRA ("" without one): every score replica of a run must report the same."""
+        return "" if self.lora is None else self.lora.digest()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.lora is None:

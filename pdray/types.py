@@ -23,3 +23,14 @@ class RenderOut:
                 f"RenderOut: {n} latents but {self.c2w.shape[0]} cameras, {len(self.view_labels)} labels "
                 f"and {len(self.particle_ids)} owners"
             )
+
+
+@dataclass
+class LoraGrads:
+    """One score replica's share of a LoRA step: the loss gradient summed over its latents (float32, in
+    ``CameraLoRA.parameters()`` order), the summed loss and the number of latents; replicas add the shares of all
+    and divide by the total count, so the update is the mean over every particle's latents whatever the sharding."""
+
+    grads: list[torch.Tensor]
+    loss_sum: float
+    count: int

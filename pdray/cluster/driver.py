@@ -1,10 +1,15 @@
 """The Ray executor: wiring only. Each step, ObjectRefs flow from the particle actors into the ScoreActor and
 back; the driver fetches small stats dicts, never a tensor (checkpoints and final views excepted).
 
-    refs   = [actor.render(step)]                       # RenderOut refs, one per actor
-    grads  = score.grads(step, *refs)  (num_returns=A+1) # one gradient ref per actor, plus stats
+    refs   = [actor.render(step)]                        # RenderOut refs, one per actor
+    grads  = score.grads(step, None, *refs)  (num_returns=A+1)  # one gradient ref per actor, plus stats
     lora   = score.lora_update(step, *refs)              # overlaps the particles' backward pass
     [actor.apply(step, grads[i])]                        # backward + optimiser step
+
+With R ScoreActor replicas (``ray.score_replicas``) replica r scores the actors it serves (with the Gaussian
+particle score it is sent every render, as the fit needs them all), and each LoRA step becomes
+``shares = [r.lora_grads(step, k, *its refs)]; [r.lora_apply(*shares)]``: every replica applies the same summed
+gradient, so they keep one LoRA, and the driver compares their digests after every update.
 
 The run loop (``pdray.run_loop``) is shared with the local executor. A dead actor is restarted by Ray
 (``ray.max_restarts``) and raises one of ``LOST``; the loop then restores every actor and the LoRA from the last
@@ -16,6 +21,7 @@ evaluation, or between two calls (a restarted actor refuses work until it is res
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +44,45 @@ from pdray.tracking import WandbLabels
 LOST = (RayActorError, LostStateError)  # an actor process died (and may be restarting) or came back empty
 
 
+class ReplicaDivergence(RuntimeError):
+    """The ScoreActor replicas no longer hold one LoRA (their digests differ after an update): the run stops, and
+    its last checkpoint (one LoRA) stands."""
+
+
+def combine_score_stats(stats: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
+    """One step's score stats from every replica's (replicas run in parallel: the slowest sets the time)."""
+    if len(stats) == 1:
+        return stats[0]
+    total = sum(weights)
+    return {
+        "t_min": min(s["t_min"] for s in stats),
+        "t_max": max(s["t_max"] for s in stats),
+        "t_high": stats[0]["t_high"],
+        "grad_norm": sum(s["grad_norm"] * w for s, w in zip(stats, weights, strict=True)) / total,
+        **{k: max(s[k] for s in stats) for k in stats[0] if k.startswith("time/")},
+    }
+
+
+def check_one_lora(step: int, updates: list[list[dict]]) -> dict[str, float]:
+    """updates[k][r]: replica r's result of LoRA step k. Raises ReplicaDivergence unless every replica reports the
+    same digest after every step; returns the mean loss, the final digest (as a 48-bit integer, for the logs) and
+    the slowest replica's apply time."""
+    for k, results in enumerate(updates):
+        digests = [r["lora_digest"] for r in results]
+        if len(set(digests)) != 1:
+            raise ReplicaDivergence(
+                f"step {step}: the ScoreActor replicas hold different LoRAs after LoRA step {k} (digests {digests});"
+                " stopping, the last checkpoint stands"
+            )
+    return {
+        "lora_loss": sum(results[0]["lora_loss"] for results in updates) / len(updates),
+        "lora_digest": int(updates[-1][0]["lora_digest"][:12], 16),
+        "time/lora_apply": sum(max(r["time/lora_apply"] for r in results) for results in updates),
+    }
+
+
 class RayExecutor:
-    """Particle actors (k particles each) and one ScoreActor in a placement group."""
+    """Particle actors (k particles each) and R ScoreActor replicas (one by default) in a placement group."""
 
     name = "ray"
     lost = LOST
@@ -48,30 +91,43 @@ class RayExecutor:
         self.config = config
         connect(config)
         self.placement: Placement = plan_placement(
-            cluster_resources(), config.particles, config.ray.actors, config.ray.gpus_per_actor
+            cluster_resources(),
+            config.particles,
+            config.ray.actors,
+            config.ray.gpus_per_actor,
+            config.ray.score_replicas,
         )
         print(f"placement: {self.placement.describe()}", flush=True)
         self.pg = placement_group(self.placement.bundles, strategy=self.placement.strategy)
         ray.get(self.pg.ready(), timeout=120)
         spec = config.model_dump(mode="json")
         restarts = config.ray.max_restarts
-        self.score = ScoreActor.options(
-            num_cpus=self.placement.score_cpus,
-            num_gpus=self.placement.score_gpus,
-            max_restarts=restarts,
-            runtime_env=actor_runtime_env(self.placement.score_cpus),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
-        ).remote(spec, self.placement.score_cpus)
+
+        def in_bundle(index: int) -> PlacementGroupSchedulingStrategy:
+            return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
+
+        self.scores = [
+            ScoreActor.options(
+                num_cpus=self.placement.score_cpus,
+                num_gpus=self.placement.score_gpus,
+                max_restarts=restarts,
+                runtime_env=actor_runtime_env(self.placement.score_cpus),
+                scheduling_strategy=in_bundle(bundle),
+            ).remote(spec, self.placement.score_cpus)
+            for bundle in self.placement.score_bundles
+        ]
         self.actors = [
             ParticleActor.options(
                 num_cpus=self.placement.actor_cpus,
                 num_gpus=self.placement.actor_gpus,
                 max_restarts=restarts,
                 runtime_env=actor_runtime_env(self.placement.actor_cpus),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i + 1),
+                scheduling_strategy=in_bundle(bundle),
             ).remote(spec, ids, self.placement.actor_cpus)
-            for i, ids in enumerate(self.placement.actors)
+            for ids, bundle in zip(self.placement.actors, self.placement.actor_bundles, strict=True)
         ]
+        self.trains_lora = config.guidance == "vsd" and config.particle_score == "lora"
+        self.fits_all_particles = config.guidance == "vsd" and config.particle_score == "gaussian"
         try:
             self.locations = self.wait_ready()
         except BaseException:
@@ -81,23 +137,37 @@ class RayExecutor:
     def wait_ready(self) -> dict[str, Any]:
         """Block until every actor has finished __init__ (imports, prior loaded); print which node each runs on."""
         started = time.perf_counter()
-        score, *actors = ray.get([a.location.remote() for a in [self.score, *self.actors]])
-        lines = [f"  ScoreActor on node {score['node_id']} ({score['ip']}, pid {score['pid']})"]
+        found = ray.get([a.location.remote() for a in [*self.scores, *self.actors]])
+        scores, actors = found[: len(self.scores)], found[len(self.scores) :]
+        lines = []
+        for r, (where, ids) in enumerate(zip(scores, self.placement.replica_particles(), strict=True)):
+            lines.append(
+                f"  ScoreActor {r} (particles {ids}) on node {where['node_id']} ({where['ip']}, pid {where['pid']})"
+            )
         for ids, where in zip(self.placement.actors, actors, strict=True):
             lines.append(f"  particles {ids} on node {where['node_id']} ({where['ip']}, pid {where['pid']})")
         print("actor nodes:\n" + "\n".join(lines), flush=True)
         print(f"actors ready in {time.perf_counter() - started:.1f}s", flush=True)
-        return {"score": score, "actors": actors}
+        return {"score": scores[0], "replicas": scores, "actors": actors}
 
     def step(self, step: int) -> dict[str, float]:
         outs = [a.render.remote(step) for a in self.actors]
         renders = [o[0] for o in outs]
-        *grads, score_stats = self.score.grads.options(num_returns=len(self.actors) + 1).remote(step, *renders)
-        lora = self.score.lora_update.remote(step, *renders)
+        grads: list = [None] * len(self.actors)
+        score_stats = []
+        for score, served in zip(self.scores, self.placement.replicas, strict=True):
+            # The Gaussian particle score fits every particle, so each replica sees every render and scores its own.
+            args = (served, *renders) if self.fits_all_particles else (None, *(renders[i] for i in served))
+            *mine, stats = score.grads.options(num_returns=len(served) + 1).remote(step, *args)
+            for i, ref in zip(served, mine, strict=True):
+                grads[i] = ref
+            score_stats.append(stats)
+        lora = self.lora_update(step, renders)  # overlaps the particles' backward pass
         applies = [a.apply.remote(step, g) for a, g in zip(self.actors, grads, strict=True)]
-        results = ray.get([score_stats, lora, *applies, *(o[1] for o in outs)])
-        stats = {**results[0], **results[1]}
-        per_actor = results[2:]
+        results = ray.get([*score_stats, *applies, *(o[1] for o in outs)])
+        stats = combine_score_stats(results[: len(self.scores)], [len(p) for p in self.placement.replica_particles()])
+        stats |= lora()
+        per_actor = results[len(self.scores) : len(self.scores) + len(self.actors)]
         for key in ("time/backward", "time/render", "time/encode"):
             values = [r[key] for r in per_actor if key in r]
             if values:
@@ -105,15 +175,35 @@ class RayExecutor:
         stats["nonfinite_dropped"] = sum(r.get("nonfinite_dropped", 0) for r in per_actor)
         return stats
 
+    def lora_update(self, step: int, renders: list) -> Callable[[], dict[str, float]]:
+        """Submit this step's LoRA update; returns the function that waits for it and gives its stats.
+
+        One replica fits the LoRA on every render in one call. R replicas run each LoRA step as R ``lora_grads``
+        (each on its shard) and R ``lora_apply`` that all take the R shares: an all-reduce through the object store
+        (each replica fetches R - 1 shares of the LoRA's size; a few MB at SD scale)."""
+        if len(self.scores) == 1:
+            ref = self.scores[0].lora_update.remote(step, *renders)
+            return lambda: ray.get(ref)
+        if not self.trains_lora:
+            return dict
+        updates = []
+        for k in range(self.config.lora.steps_per_update):
+            shares = [
+                score.lora_grads.remote(step, k, *(renders[i] for i in served))
+                for score, served in zip(self.scores, self.placement.replicas, strict=True)
+            ]
+            updates.append([score.lora_apply.remote(*shares) for score in self.scores])
+        return lambda: check_one_lora(step, [ray.get(refs) for refs in updates])
+
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         particles: dict = {}
         for part in ray.get([a.state_tensors.remote() for a in self.actors]):
             particles.update(part)
-        lora = ray.get(self.score.state_tensors.remote())
+        lora = ray.get(self.scores[0].state_tensors.remote())  # the replicas hold one LoRA (checked every update)
         return {"particles": particles, **({"lora": lora} if lora else {})}
 
     def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]], timeout: float = 1800.0) -> None:
-        """Load a checkpoint into every actor (restarted ones included).
+        """Load a checkpoint into every actor (restarted ones included); its one LoRA goes to every replica.
 
         The loads are retried by Ray until a restarting actor is back (its __init__ re-imports torch and
         reloads the prior: seconds on a GPU node, minutes on a busy small CPU); an actor out of restarts
@@ -123,7 +213,8 @@ class RayExecutor:
             prefixes = tuple(f"{pid:04d}." for pid in ids)
             mine = {k: v for k, v in tensors["particles"].items() if k.startswith(prefixes)}
             calls.append(actor.load_state_tensors.options(max_task_retries=-1).remote(mine))
-        calls.append(self.score.load_state_tensors.options(max_task_retries=-1).remote(tensors.get("lora", {})))
+        lora = ray.put(tensors.get("lora", {}))
+        calls += [score.load_state_tensors.options(max_task_retries=-1).remote(lora) for score in self.scores]
         ray.get(calls, timeout=timeout)
 
     def images(self, cameras: Cameras) -> dict[int, torch.Tensor]:
@@ -133,14 +224,19 @@ class RayExecutor:
         return dict(sorted(out.items()))
 
     def report(self) -> dict[str, Any]:
-        score, *actors = ray.get([a.memory.remote() for a in [self.score, *self.actors]])
+        memory = ray.get([a.memory.remote() for a in [*self.scores, *self.actors]])
+        scores, actors = memory[: len(self.scores)], memory[len(self.scores) :]
+        names = ["score"] if len(scores) == 1 else [f"score_{r}" for r in range(len(scores))]
         return {
-            "actor_memory": {"score": score, **{f"particles_{i}": m for i, m in enumerate(actors)}},
+            "actor_memory": {
+                **dict(zip(names, scores, strict=True)),
+                **{f"particles_{i}": m for i, m in enumerate(actors)},
+            },
             "placement": self.placement.as_dict() | {"nodes": self.locations},
         }
 
     def close(self) -> None:
-        for actor in [*self.actors, self.score]:
+        for actor in [*self.actors, *self.scores]:
             ray.kill(actor)
         remove_placement_group(self.pg)
 

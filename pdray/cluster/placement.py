@@ -8,6 +8,15 @@ A pure function of its inputs, so every decision is testable without a cluster. 
 - particle actors are SPREAD over nodes; the placement group is PACK on one node;
 - on several nodes every bundle must fit on one node: a GPU actor asks for no more CPUs than its node has per
   GPU, and a CPU-only ScoreActor for no more than the largest node.
+
+With R > 1 ScoreActor replicas (``ray.score_replicas``) the cluster is cut into R groups, one bundle each, and a
+group's replica and the particle actors it serves share that bundle, so a replica sits on the node (and on a
+one-GPU group, the GPU) of its particles: its latents and gradients never cross the network.
+- GPUs: each group gets G // R whole GPUs (fewer where a group would not fit on one node); in a group of one GPU
+  the replica takes half of it and the actors share the rest, in larger groups the replica takes one GPU and
+  each actor one of the others;
+- CPUs: each group gets an equal share; on CPU-only clusters the replica half of it;
+- particle actors (at least R) are split evenly over the groups, particles evenly over the actors.
 """
 
 from __future__ import annotations
@@ -35,20 +44,39 @@ class Placement:
     actors: list[list[int]]  # particle ids per particle actor
     actor_cpus: float
     actor_gpus: float
-    score_cpus: float
-    score_gpus: float
+    score_cpus: float  # per ScoreActor replica
+    score_gpus: float  # per ScoreActor replica
     strategy: str
-    bundles: list[dict[str, float]] = field(default_factory=list)  # bundle 0: ScoreActor, then one per actor
+    bundles: list[dict[str, float]] = field(default_factory=list)
+    replicas: list[list[int]] = field(default_factory=list)
+    """The particle-actor indices each ScoreActor replica serves (default: one replica serving all)."""
+    score_bundles: list[int] = field(default_factory=lambda: [0])
+    """The bundle of each replica."""
+    actor_bundles: list[int] = field(default_factory=list)
+    """The bundle of each particle actor (default: bundle 0 the ScoreActor's, then one per actor)."""
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            self.replicas = [list(range(len(self.actors)))]
+        if not self.actor_bundles:
+            self.actor_bundles = [i + 1 for i in range(len(self.actors))]
+
+    def replica_particles(self) -> list[list[int]]:
+        """The particle ids each replica serves."""
+        return [[pid for a in served for pid in self.actors[a]] for served in self.replicas]
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["replica_particles"] = self.replica_particles()
+        return out
 
     def describe(self) -> str:
         sizes = [len(a) for a in self.actors]
+        shards = "; ".join(f"replica {r} serves particles {ids}" for r, ids in enumerate(self.replica_particles()))
         return (
             f"{len(self.actors)} particle actor(s) holding {sizes} particles, each {self.actor_cpus:g} CPU"
-            f" / {self.actor_gpus:g} GPU; ScoreActor {self.score_cpus:g} CPU / {self.score_gpus:g} GPU;"
-            f" placement group {self.strategy} with {len(self.bundles)} bundles"
+            f" / {self.actor_gpus:g} GPU; {len(self.replicas)} ScoreActor replica(s), each {self.score_cpus:g} CPU"
+            f" / {self.score_gpus:g} GPU ({shards}); placement group {self.strategy} with {len(self.bundles)} bundles"
         )
 
 
@@ -63,12 +91,23 @@ def split(items: list[int], parts: int) -> list[list[int]]:
     return out
 
 
+def floor4(x: float) -> float:
+    """Round down to Ray's resource precision (1e-4), so that fractions of one bundle never add up past it."""
+    return math.floor(x * 1e4 + 1e-9) / 1e4
+
+
 def plan_placement(
-    resources: Resources, particles: int, actors: int | None = None, gpus_per_actor: float | None = None
+    resources: Resources,
+    particles: int,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    replicas: int = 1,
 ) -> Placement:
     """Decide actors, their resources and the placement group; raises ValueError when it cannot fit."""
     if particles < 1:
         raise ValueError("need at least one particle")
+    if replicas > 1:
+        return plan_replica_groups(resources, particles, actors, gpus_per_actor, replicas)
     gpus, cpus = resources.gpus, resources.cpus
     if gpus >= 2:  # the ScoreActor gets a GPU of its own
         score_gpus, score_cpus = 1.0, 1.0
@@ -100,3 +139,64 @@ def plan_placement(
     bundles += [{"CPU": per_cpu, **({"GPU": per_gpu} if per_gpu else {})} for _ in range(n)]
     strategy = "PACK" if resources.nodes == 1 else "SPREAD"
     return Placement(split(list(range(particles)), n), per_cpu, per_gpu, score_cpus, score_gpus, strategy, bundles)
+
+
+def plan_replica_groups(
+    resources: Resources, particles: int, actors: int | None, gpus_per_actor: float | None, replicas: int
+) -> Placement:
+    """R > 1 ScoreActor replicas: R groups (one bundle each) of a replica and the particle actors it serves."""
+    r = replicas
+    if particles < r:
+        raise ValueError(f"{r} score replicas need at least {r} particles, got {particles}")
+    if actors is not None and actors < r:
+        raise ValueError(f"{r} score replicas need at least {r} particle actors, got {actors}")
+    gpus, cpus = resources.gpus, resources.cpus
+    if gpus > 0:
+        if gpus < r:
+            raise ValueError(f"{r} score replicas need a GPU each; the cluster has {gpus:g}")
+        group_gpus = int(gpus // r)
+        if resources.gpus_per_node and resources.nodes > 1:  # groups must fit whole on the nodes
+            while group_gpus > 1 and resources.nodes * int(resources.gpus_per_node // group_gpus) < r:
+                group_gpus -= 1
+        score_gpus = 1.0 if group_gpus >= 2 else 0.5
+        n = min(particles, max(r, actors or r * max(1, group_gpus - 1)))
+        largest = math.ceil(n / r)
+        per_gpu = gpus_per_actor if gpus_per_actor is not None else floor4((group_gpus - score_gpus) / largest)
+        if score_gpus + largest * per_gpu > group_gpus + 1e-9:
+            raise ValueError(
+                f"{largest} actors x {per_gpu} GPU + a replica's {score_gpus} GPU exceed a group's {group_gpus} GPUs"
+            )
+        group_cpus = float(max(1, int(cpus // r)))
+        if resources.cpus_per_gpu:
+            group_cpus = max(1.0, min(group_cpus, float(math.floor(resources.cpus_per_gpu * group_gpus))))
+        score_cpus = 1.0 if group_cpus >= 1 + largest else floor4(group_cpus / (1 + largest))
+        per_cpu = floor4((group_cpus - score_cpus) / largest)
+        if per_cpu >= 1:
+            per_cpu = float(math.floor(per_cpu))
+    else:
+        group_cpus = cpus / r
+        if resources.max_node_cpus:
+            group_cpus = min(group_cpus, float(int(resources.max_node_cpus)))
+        if resources.nodes > 1:
+            group_cpus = float(max(1, math.floor(group_cpus)))
+        if group_cpus < 1:
+            raise ValueError(f"{r} score replicas on a CPU-only cluster need at least {r} CPUs, has {cpus:g}")
+        group_gpus, score_gpus, per_gpu = 0, 0.0, 0.0
+        n = min(particles, max(r, actors or int(cpus // 2)))
+        largest = math.ceil(n / r)
+        score_cpus = floor4(group_cpus / 2)
+        per_cpu = floor4((group_cpus - score_cpus) / largest)
+    groups = split(list(range(n)), r)
+    bundle = {"CPU": group_cpus, **({"GPU": float(group_gpus)} if group_gpus else {})}
+    return Placement(
+        actors=split(list(range(particles)), n),
+        actor_cpus=per_cpu,
+        actor_gpus=per_gpu,
+        score_cpus=score_cpus,
+        score_gpus=score_gpus,
+        strategy="PACK" if resources.nodes == 1 else "SPREAD",
+        bundles=[dict(bundle) for _ in range(r)],
+        replicas=groups,
+        score_bundles=list(range(r)),
+        actor_bundles=[g for g, members in enumerate(groups) for _ in members],
+    )

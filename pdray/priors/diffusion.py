@@ -118,19 +118,18 @@ class DiffusionPrior:
     # ---- text -------------------------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings [B, L, D] for prompts, cached per prompt string."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embedding_cache]
-        if missing:
-            ids = self.tokenizer(
-                missing,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            hidden = self.text_encoder(ids)[0]
-            for prompt, h in zip(missing, hidden, strict=True):
-                self._embedding_cache[prompt] = h
+        """Text embeddings [B, L, D] for prompts, cached per prompt string; each prompt is encoded on its own, so its
+        embedding does not depend on which other prompts came first (score replicas see different first batches)."""
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self._embedding_cache:
+                ids = self.tokenizer(
+                    [prompt],
+                    padding="max_length",
+                    max_length=self.tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(self.device)
+                self._embedding_cache[prompt] = self.text_encoder(ids)[0][0]
         return torch.stack([self._embedding_cache[p] for p in prompts])
 
     # ---- image <-> latent ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ With another base (the paper: SD 2.1 v-prediction beside SD 2.1-base) a separate
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from peft import LoraConfig as PeftLoraConfig
 from pdray.config import LoraConfig
 from pdray.distill import lora_loss
 from pdray.priors.diffusion import DiffusionPrior, resolve_model, v_from_eps
+from pdray.types import LoraGrads
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 CAMERA_DIM = 16
@@ -133,18 +135,20 @@ class CameraLoRA:
         keep = torch.rand(b, generator=generator) >= self.config.camera_dropout
         return LoraDraw(t, noise, keep)
 
-    def train_step(
+    def loss_grads(
         self, latents: torch.Tensor, cond: torch.Tensor, c2w: torch.Tensor, draw: LoraDraw, batch_size: int
-    ) -> float:
-        """One AdamW step of the diffusion loss, averaged over every latent (detached particle latents with the
-        draw's t and noise; camera dropped where the draw says). The loss is accumulated over chunks of at most
-        ``batch_size`` latents, so the batch size bounds memory and does not change the update. Returns the loss."""
+    ) -> LoraGrads:
+        """The gradient of the diffusion loss summed over ``latents`` (detached particle latents with the draw's t
+        and noise; camera dropped where the draw says), in chunks of at most ``batch_size`` latents: the batch size
+        bounds memory and does not change the result. Parameters are not touched (``apply_grads`` steps)."""
         device = self.prior.device
         latents = latents.detach().to(device, torch.float32)
-        n, total = latents.shape[0], 0.0
-        self.optimizer.zero_grad(set_to_none=True)
+        params = self.parameters()
+        for p in params:
+            p.grad = None
+        total = 0.0
         with self.active() as unet:  # backward inside: peft freezes LoRA weights again on exit
-            for s in range(0, n, batch_size):
+            for s in range(0, latents.shape[0], batch_size):
                 sl = slice(s, s + batch_size)
                 t, noise = draw.t[sl].to(device), draw.noise[sl].to(device)
                 x_t = self.prior.add_noise(latents[sl], noise, t)
@@ -152,11 +156,43 @@ class CameraLoRA:
                 if labels is not None:
                     labels = labels * draw.keep[sl].to(labels)[:, None]
                 target = noise if self.prediction_type == "epsilon" else v_from_eps(x_t, noise, self.prior.alpha_bar(t))
-                loss = lora_loss(self._forward(unet, x_t, t, cond[sl], labels), target) * (x_t.shape[0] / n)
+                loss = lora_loss(self._forward(unet, x_t, t, cond[sl], labels), target) * x_t.shape[0]
                 loss.backward()
                 total += float(loss.detach())
-            self.optimizer.step()
-        return total
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+        for p in params:
+            p.grad = None
+        return LoraGrads(grads, total, latents.shape[0])
+
+    def apply_grads(self, *parts: LoraGrads) -> float:
+        """One AdamW step on the mean loss over every latent of ``parts`` (summed in the order given, so replicas
+        that apply the same parts hold the same LoRA, bit for bit). Returns that mean loss."""
+        count = sum(part.count for part in parts)
+        if count == 0:
+            raise ValueError("apply_grads: no latents in the gradient parts")
+        params = self.parameters()
+        for i, p in enumerate(params):
+            total = parts[0].grads[i].to(p.device, torch.float32)
+            for part in parts[1:]:
+                total = total + part.grads[i].to(p.device, torch.float32)
+            p.grad = (total / count).to(p.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sum(part.loss_sum for part in parts) / count
+
+    def train_step(
+        self, latents: torch.Tensor, cond: torch.Tensor, c2w: torch.Tensor, draw: LoraDraw, batch_size: int
+    ) -> float:
+        """One AdamW step of the diffusion loss averaged over every latent; returns the loss."""
+        return self.apply_grads(self.loss_grads(latents, cond, c2w, draw, batch_size))
+
+    def digest(self) -> str:
+        """A hash of the LoRA weights and camera embedding: replicas that hold one LoRA have equal digests."""
+        h = hashlib.blake2b(digest_size=8)
+        for key, value in sorted(self.state_tensors().items()):
+            h.update(key.encode())
+            h.update(value.float().numpy().tobytes())
+        return h.hexdigest()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """LoRA weights and camera embedding by name (safetensors-ready)."""
