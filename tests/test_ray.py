@@ -86,53 +86,65 @@ def test_two_particles_on_two_actors_fill_the_run_folder_and_resume(reference, t
     assert load_checkpoint(resumed)[0]["step"] == STEPS + 2
 
 
-def test_a_killed_particle_actor_is_restored_and_no_particle_is_lost(reference, tmp_path):
-    import torch
+def kill_one_mid_run(actor_class: str, metrics, started: float, killed: list) -> threading.Thread:
+    """A thread that SIGKILLs one process of ``actor_class`` of this run once ``metrics`` holds 3 lines."""
+    me = psutil.Process()
 
-    from pdray.cluster.driver import run_ray
-
-    config, reference_dir, _ = reference
-    started, me = time.time(), psutil.Process()
-    killed: list[tuple[int, int]] = []  # (pid, metrics lines when it was killed)
-
-    def this_runs_particle_actors() -> list[psutil.Process]:
+    def this_runs_actors() -> list[psutil.Process]:
         found = []
         for proc in me.children(recursive=True):  # the local raylet is our child, its workers its children
             try:
-                if proc.create_time() >= started - 1 and any("ray::ParticleActor" in p for p in proc.cmdline()):
+                if proc.create_time() >= started - 1 and any(f"ray::{actor_class}" in p for p in proc.cmdline()):
                     found.append(proc)
             except psutil.Error:
                 pass
         return found
 
-    def kill_one_actor_mid_run():
-        metrics = tmp_path / "metrics.jsonl"
+    def kill():
         while time.time() < started + 600 and not killed:
             lines = len(metrics.read_text().splitlines()) if metrics.exists() else 0
             if lines >= 3:
-                for proc in this_runs_particle_actors():
+                for proc in this_runs_actors():
                     os.kill(proc.pid, signal.SIGKILL)
                     killed.append((proc.pid, lines))
                     return
             time.sleep(0.05)
 
-    thread = threading.Thread(target=kill_one_actor_mid_run, daemon=True)
+    thread = threading.Thread(target=kill, daemon=True)
     thread.start()
+    return thread
+
+
+def assert_same_checkpoint(run_dir, reference_dir, atol: float = 0.0) -> dict:
+    """The run's last checkpoint equals the reference's, tensor for tensor; returns its info."""
+    info, tensors = load_checkpoint(run_dir)
+    _, expected = load_checkpoint(reference_dir)
+    assert tensors.keys() == expected.keys()
+    for part in expected:
+        assert tensors[part].keys() == expected[part].keys(), part
+        for key, value in tensors[part].items():
+            torch.testing.assert_close(value, expected[part][key], atol=atol, rtol=0, msg=f"{part} {key} differs")
+    return info
+
+
+@pytest.mark.parametrize("actor_class", ["ParticleActor", "ScoreActor"])
+def test_a_killed_actor_is_restored_and_no_particle_is_lost(reference, tmp_path, actor_class):
+    from pdray.cluster.driver import run_ray
+
+    config, reference_dir, _ = reference
+    if actor_class == "ScoreActor":  # a replica of two: restored with the one LoRA the other replica also rolls back to
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"score_replicas": 2})})
+    killed: list[tuple[int, int]] = []  # (pid, metrics lines when it was killed)
+    thread = kill_one_mid_run(actor_class, tmp_path / "metrics.jsonl", time.time(), killed)
     summary = run_ray(config, tmp_path)
     thread.join(timeout=1)
-    assert killed, "no ParticleActor process of this run was found to kill"
+    assert killed, f"no {actor_class} process of this run was found to kill"
     assert killed[0][1] < STEPS, f"the kill came after the last step ({killed})"
     assert summary["recoveries"] >= 1 and summary["steps_done"] == STEPS
 
     # Every particle is there, trained exactly as far as in the uninterrupted run: no step lost or applied twice.
-    info, tensors = load_checkpoint(tmp_path)
-    _, expected = load_checkpoint(reference_dir)
+    info = assert_same_checkpoint(tmp_path, reference_dir, atol=1e-6)
     assert info["step"] == STEPS and info["recoveries"] >= 1
-    assert {k[:4] for k in tensors["particles"]} == {"0000", "0001"}
-    for part in ("particles", "lora"):
-        assert tensors[part].keys() == expected[part].keys()
-        for key, value in tensors[part].items():
-            torch.testing.assert_close(value, expected[part][key], msg=f"{part} {key} differs from the reference")
     assert (tmp_path / "particles/00/views.png").exists() and (tmp_path / "particles/01/views.png").exists()
 
     # The step counter went back once per recovery, never past the last checkpoint; restarts are in the metrics.
@@ -149,6 +161,24 @@ def test_a_killed_particle_actor_is_restored_and_no_particle_is_lost(reference, 
     assert records[0]["recoveries"] == 0 and records[-1]["recoveries"] == summary["recoveries"]
 
 
+def test_two_score_replicas_keep_one_lora_and_resume_to_the_one_replica_run(reference, tmp_path):
+    """R=2 (a replica per particle actor) stopped halfway and resumed ends bit for bit where R=1 ends."""
+    from pdray.cluster.driver import run_ray
+
+    config, reference_dir, _ = reference
+    config = config.model_copy(update={"ray": config.ray.model_copy(update={"score_replicas": 2})})
+    half = config.model_copy(update={"steps": STEPS // 2})
+    summary = run_ray(half, tmp_path)
+    placement = summary["placement"]
+    assert placement["replicas"] == [[0], [1]] and placement["replica_particles"] == [[0], [1]]
+    assert len(placement["nodes"]["replicas"]) == 2 and {"score_0", "score_1"} <= summary["actor_memory"].keys()
+    save_config(config, tmp_path / "config.yaml")
+    run_ray(load_config(str(tmp_path / "config.yaml")), tmp_path, resume=True)  # one LoRA restored to both replicas
+    assert_same_checkpoint(tmp_path, reference_dir)
+    digests = [m["lora_digest"] for m in logged(tmp_path)]
+    assert len(digests) == STEPS and len(set(digests)) == STEPS, "a digest per step, and the LoRA moves every step"
+
+
 def test_the_local_and_the_ray_executor_run_one_loop_to_the_same_particles(reference, tmp_path):
     from pdray.local_executor import run_local
 
@@ -156,7 +186,9 @@ def test_the_local_and_the_ray_executor_run_one_loop_to_the_same_particles(refer
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each actor: Adam (eps 1e-15) turns rounding in near-zero gradients into lr steps
     try:
-        run_local(config.model_copy(update={"executor": "local"}), tmp_path)
+        # UNet calls never mix two particle actors' latents: the Ray run scored each particle alone, and so does this
+        # one-process run with batches of one (score_batch_size bounds memory only).
+        run_local(config.model_copy(update={"executor": "local", "score_batch_size": 1}), tmp_path)
     finally:
         torch.set_num_threads(threads)
     _, local = load_checkpoint(tmp_path)
