@@ -165,6 +165,12 @@ class ScoreEstimator:
             raise ValueError("lora_apply: this run trains no LoRA (guidance sds or particle_score gaussian)")
         return self.lora.apply_grads(*shares)
 
+    def lora_apply_summed(self, grad_sum: torch.Tensor, loss_sum: float, count: int) -> float:
+        """``lora_apply`` with the shares already summed (by the replicas' reduce-scatter, ``pdray.allreduce``)."""
+        if self.lora is None:
+            raise ValueError("lora_apply: this run trains no LoRA (guidance sds or particle_score gaussian)")
+        return self.lora.apply_summed(grad_sum, loss_sum, count)
+
     def lora_update(self, step: int, *renders: RenderOut) -> dict[str, float]:
         """lora.steps_per_update LoRA steps, each on every detached latent of the renders (VSD with a LoRA);
         nothing otherwise. score_batch_size only chunks the work: the update is the same for any value."""

@@ -27,10 +27,11 @@ class RenderOut:
 
 @dataclass
 class LoraGrads:
-    """One score replica's share of a LoRA step: the loss gradient summed over its latents (float32, in
-    ``CameraLoRA.parameters()`` order), the summed loss and the number of latents; replicas add the shares of all
-    and divide by the total count, so the update is the mean over every particle's latents whatever the sharding."""
+    """One particle actor's share of a LoRA step: the loss gradient summed over its latents (float32, flat [N], in
+    ``CameraLoRA.parameters()`` order), the summed loss and the number of latents. Shares are added in particle-actor
+    order and divided by the total count, so the update is the mean over every particle's latents whatever the
+    sharding over score replicas."""
 
-    grads: list[torch.Tensor]
+    grad: torch.Tensor
     loss_sum: float
     count: int

@@ -29,12 +29,13 @@ def test_projection_follows_the_stated_model() -> None:
     seconds = {"render": 0.1, "encode": 0.02, "unet_cfg": 0.2, "unet_lora": 0.1, "lora_update": 0.3, "backward": 0.15}
     rows = [{"particles": 2, "seconds": seconds}, {"particles": 1, "error": "out of GPU memory"}]
     mib, kib = 2**20, 2**10
-    out = gpu_step.project(rows, lora_bytes=10 * mib, latent_bytes=64 * kib, bandwidth=25e9, latency=1e-5)
+    out = gpu_step.project(rows, lora_bytes=10 * mib, latent_bytes=64 * kib, bandwidth=25e9, latency=1e-3, pcie=20e9)
     assert {(r["gpus"], r["replicas"]) for r in out} == {(g, r) for g in (8, 16, 64) for r in ("1", "G")}
     by_key = {(r["gpus"], r["replicas"]): r for r in out}
     one_gpu = sum(seconds.values())
-    # R = G: the one-GPU step plus a ring all-reduce of the LoRA gradient.
-    expected = one_gpu + 2 * 7 / 8 * 10 * mib / 25e9 + 2 * 7 * 1e-5
+    # R = G: the one-GPU step plus pdray's all-reduce: reduce-scatter + all-gather through the object store, the
+    # share to the host and the sum back, three rounds of actor calls.
+    expected = one_gpu + 2 * 7 / 8 * 10 * mib / 25e9 + 2 * 10 * mib / 20e9 + 3 * 1e-3
     assert by_key[8, "G"]["step_s"] == pytest.approx(expected)
     # R = 1: 128 latents at the per-latent score cost of p = 2, and their LoRA update overlapping the backward.
     total = 2 * 64

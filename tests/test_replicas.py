@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pdray.allreduce import cut, join, sum_in_order
 from pdray.cluster.driver import ReplicaDivergence, check_one_lora, combine_score_stats
 from pdray.config import load_config
 from pdray.particle import ParticleGroup
@@ -55,9 +56,12 @@ def test_two_replicas_give_one_replica_s_gradients_and_lora_bit_for_bit(tiny_mod
         if score == "gaussian":
             continue
         one.lora_update(step, *renders)
-        for k in range(cfg.lora.steps_per_update):
-            shares = [replicas[r].lora_grads(step, k, renders[r]) for r in range(2)]
-            losses = {replica.lora_apply(*shares[0], *shares[1]) for replica in replicas}
+        for k in range(cfg.lora.steps_per_update):  # the all-reduce the Ray layer wires: cut, reduce, join, apply
+            cuts = [cut(replicas[r].lora_grads(step, k, renders[r]), 2) for r in range(2)]
+            sums = [sum_in_order([piece for pieces in cuts for piece in pieces[j]]) for j in range(2)]
+            shares = [replicas[r].lora_grads(step, k, renders[r])[0] for r in range(2)]
+            loss_sum, count = sum(s.loss_sum for s in shares), sum(s.count for s in shares)
+            losses = {replica.lora_apply_summed(join(sums), loss_sum, count) for replica in replicas}
             assert len(losses) == 1
         digests = {one.lora_digest(), *(r.lora_digest() for r in replicas)}
         assert len(digests) == 1, f"step {step}: the replicas' LoRA left the single estimator's"
@@ -80,6 +84,19 @@ def test_lora_shares_average_over_every_latent(tiny_model):
     assert loss_b == loss_a and b.lora_digest() == a.lora_digest() != before
     with pytest.raises(ValueError, match="trains no LoRA"):
         ScoreEstimator(config(tiny_model), load_prior(cfg.prior)).lora_grads(0, 0, *renders)
+
+
+def test_a_sum_cut_in_pieces_and_joined_is_the_whole_sum_bit_for_bit():
+    from pdray.types import LoraGrads
+
+    generator = torch.Generator().manual_seed(0)
+    shares = [LoraGrads(torch.randn(1001, generator=generator) * 10 ** (i - 2), 0.0, 1) for i in range(5)]
+    whole = sum_in_order([s.grad for s in shares])
+    for parts in (1, 2, 3, 7):
+        pieces = cut(shares, parts)
+        assert len(pieces) == parts and all(len(p) == 5 for p in pieces)
+        assert torch.equal(join([sum_in_order(p) for p in pieces]), whole)
+    assert not torch.equal(sum_in_order([s.grad for s in reversed(shares)]), whole), "the order must matter here"
 
 
 def test_diverged_replicas_stop_the_run_and_stats_combine():

@@ -7,9 +7,10 @@ back; the driver fetches small stats dicts, never a tensor (checkpoints and fina
     [actor.apply(step, grads[i])]                        # backward + optimiser step
 
 With R ScoreActor replicas (``ray.score_replicas``) replica r scores the actors it serves (with the Gaussian
-particle score it is sent every render, as the fit needs them all), and each LoRA step becomes
-``shares = [r.lora_grads(step, k, *its refs)]; [r.lora_apply(*shares)]``: every replica applies the same summed
-gradient, so they keep one LoRA, and the driver compares their digests after every update.
+particle score it is sent every render, as the fit needs them all), and each LoRA step is an all-reduce of
+ObjectRefs (``lora_grads`` cut in R pieces -> ``lora_reduce`` of piece j on replica j -> ``lora_apply`` of the R
+sums on every replica): all apply the same summed gradient, so they keep one LoRA, and the driver compares their
+digests after every update.
 
 The run loop (``pdray.run_loop``) is shared with the local executor. A dead actor is restarted by Ray
 (``ray.max_restarts``) and raises one of ``LOST``; the loop then restores every actor and the LoRA from the last
@@ -178,21 +179,24 @@ class RayExecutor:
     def lora_update(self, step: int, renders: list) -> Callable[[], dict[str, float]]:
         """Submit this step's LoRA update; returns the function that waits for it and gives its stats.
 
-        One replica fits the LoRA on every render in one call. R replicas run each LoRA step as R ``lora_grads``
-        (each on its shard) and R ``lora_apply`` that all take the R shares: an all-reduce through the object store
-        (each replica fetches R - 1 shares of the LoRA's size; a few MB at SD scale)."""
+        One replica fits the LoRA on every render in one call. R replicas run each LoRA step as an all-reduce
+        through the object store (``pdray.allreduce``): R ``lora_grads`` (each on its shard, cut in R pieces), R
+        ``lora_reduce`` (replica j sums piece j of all) and R ``lora_apply`` (each joins the R sums and steps), so each
+        replica fetches about 2 (R - 1) / R of the LoRA's size per step, as in a ring all-reduce."""
         if len(self.scores) == 1:
             ref = self.scores[0].lora_update.remote(step, *renders)
             return lambda: ray.get(ref)
         if not self.trains_lora:
             return dict
-        updates = []
+        r, updates = len(self.scores), []
         for k in range(self.config.lora.steps_per_update):
-            shares = [
-                score.lora_grads.remote(step, k, *(renders[i] for i in served))
+            cuts = [
+                score.lora_grads.options(num_returns=r + 1).remote(step, k, r, *(renders[i] for i in served))
                 for score, served in zip(self.scores, self.placement.replicas, strict=True)
             ]
-            updates.append([score.lora_apply.remote(*shares) for score in self.scores])
+            sums = [score.lora_reduce.remote(*(pieces[j] for pieces in cuts)) for j, score in enumerate(self.scores)]
+            counts = [pieces[r] for pieces in cuts]
+            updates.append([score.lora_apply.remote(r, *sums, *counts) for score in self.scores])
         return lambda: check_one_lora(step, [ray.get(refs) for refs in updates])
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -4,8 +4,9 @@ actors (all of them with one replica).
 ``grads`` takes the particle actors' RenderOut refs as top-level arguments (Ray resolves them store to
 store; the driver never fetches a tensor) and returns one gradient per served actor plus stats, split with
 num_returns. With one replica, ``lora_update`` runs while the particle actors backpropagate. With R replicas,
-each LoRA step is ``lora_grads`` on every replica (its shard's share), then ``lora_apply`` on every replica with
-all R shares as top-level refs: each sums them in replica order and steps its AdamW, so all replicas hold one
+each LoRA step is an all-reduce through the object store (``pdray.allreduce``): ``lora_grads`` on every replica
+(its actors' gradient shares, cut into R pieces), ``lora_reduce`` on replica j (piece j of every replica, summed),
+then ``lora_apply`` on every replica with the R sums: all step their AdamW with the same gradient, so they hold one
 LoRA, and return its digest for the driver to compare. One single-threaded actor runs calls in submission order,
 so a step's LoRA calls always follow its grads and precede the next step's.
 A restarted ScoreActor raises LostStateError until the driver restores the LoRA from the last checkpoint.
@@ -18,11 +19,12 @@ import time
 import ray
 import torch
 
+from pdray.allreduce import cut, join, sum_in_order
 from pdray.cluster.lifecycle import ActorBase
 from pdray.config import RunConfig
 from pdray.priors.diffusion import load_prior
 from pdray.score import ScoreEstimator
-from pdray.types import LoraGrads, RenderOut
+from pdray.types import RenderOut
 
 
 @ray.remote
@@ -43,19 +45,28 @@ class ScoreActor(ActorBase):
         self.check()
         return self.score.lora_update(step, *renders)
 
-    def lora_grads(self, step: int, k: int, *renders: RenderOut) -> list[LoraGrads]:
-        """This replica's share of LoRA step k of ``step``, one per served actor (on the CPU, for the others)."""
+    def lora_grads(self, step: int, k: int, parts: int, *renders: RenderOut):
+        """LoRA step k of ``step`` on the served actors' renders, cut for R = ``parts`` replicas: (piece 0, ...,
+        piece R-1, [(loss_sum, count)] per served actor); call with .options(num_returns=R + 1). Piece j (slice j
+        of every served actor's gradient share, on the CPU) goes to replica j's ``lora_reduce``."""
         self.check()
         shares = self.score.lora_grads(step, k, *renders)
         for share in shares:
-            share.grads = [g.cpu() for g in share.grads]
-        return shares
+            share.grad = share.grad.cpu()
+        return (*cut(shares, parts), [(share.loss_sum, share.count) for share in shares])
 
-    def lora_apply(self, *shares: list[LoraGrads]) -> dict[str, float | str]:
-        """One LoRA step on every replica's shares (in replica order); the loss and the LoRA's digest after it."""
+    def lora_reduce(self, *pieces: list[torch.Tensor]) -> torch.Tensor:
+        """This replica's slice of the summed gradient: its piece of every replica's shares, summed in actor order."""
+        self.check()
+        return sum_in_order([piece for replica in pieces for piece in replica])
+
+    def lora_apply(self, parts: int, *sums_and_counts) -> dict[str, float | str]:
+        """One LoRA step with the R summed slices (in order) and every replica's (loss_sum, count) list; returns
+        the loss and the LoRA's digest after the step, which the driver compares across replicas."""
         self.check()
         started = time.perf_counter()
-        loss = self.score.lora_apply(*(share for replica in shares for share in replica))
+        sums, counts = sums_and_counts[:parts], [pair for replica in sums_and_counts[parts:] for pair in replica]
+        loss = self.score.lora_apply_summed(join(list(sums)), sum(s for s, _ in counts), sum(n for _, n in counts))
         return {
             "lora_loss": loss,
             "lora_digest": self.score.lora_digest(),

@@ -19,6 +19,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.embeddings import TimestepEmbedding
 from peft import LoraConfig as PeftLoraConfig
 
+from pdray.allreduce import sum_in_order
 from pdray.config import LoraConfig
 from pdray.distill import lora_loss
 from pdray.priors.diffusion import DiffusionPrior, resolve_model, v_from_eps
@@ -159,26 +160,35 @@ class CameraLoRA:
                 loss = lora_loss(self._forward(unet, x_t, t, cond[sl], labels), target) * x_t.shape[0]
                 loss.backward()
                 total += float(loss.detach())
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+        flat = torch.cat(
+            [torch.zeros(p.numel(), device=device) if p.grad is None else p.grad.flatten() for p in params]
+        )
         for p in params:
             p.grad = None
-        return LoraGrads(grads, total, latents.shape[0])
+        return LoraGrads(flat.float(), total, latents.shape[0])
 
     def apply_grads(self, *parts: LoraGrads) -> float:
         """One AdamW step on the mean loss over every latent of ``parts`` (summed in the order given, so replicas
         that apply the same parts hold the same LoRA, bit for bit). Returns that mean loss."""
-        count = sum(part.count for part in parts)
+        grad_sum = sum_in_order([part.grad for part in parts])
+        return self.apply_summed(grad_sum, sum(part.loss_sum for part in parts), sum(part.count for part in parts))
+
+    def apply_summed(self, grad_sum: torch.Tensor, loss_sum: float, count: int) -> float:
+        """One AdamW step with the gradient ``grad_sum / count`` (grad_sum: [N], the loss gradients of ``count``
+        latents summed, in ``parameters()`` order); returns the mean loss ``loss_sum / count``."""
         if count == 0:
-            raise ValueError("apply_grads: no latents in the gradient parts")
+            raise ValueError("apply_summed: no latents in the gradient")
         params = self.parameters()
-        for i, p in enumerate(params):
-            total = parts[0].grads[i].to(p.device, torch.float32)
-            for part in parts[1:]:
-                total = total + part.grads[i].to(p.device, torch.float32)
-            p.grad = (total / count).to(p.dtype)
+        if grad_sum.numel() != sum(p.numel() for p in params):
+            raise ValueError(f"apply_summed: {grad_sum.numel()} gradient values for {sum(p.numel() for p in params)}")
+        offset = 0
+        for p in params:
+            piece = grad_sum[offset : offset + p.numel()].to(p.device, torch.float32)
+            p.grad = (piece / count).view_as(p).to(p.dtype)
+            offset += p.numel()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return sum(part.loss_sum for part in parts) / count
+        return loss_sum / count
 
     def train_step(
         self, latents: torch.Tensor, cond: torch.Tensor, c2w: torch.Tensor, draw: LoraDraw, batch_size: int
