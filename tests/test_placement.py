@@ -14,6 +14,9 @@ def test_cpu_only_splits_the_cpus():
     assert p.score_cpus + 2 * p.actor_cpus <= 2
     p = plan_placement(Resources(cpus=16), particles=8)
     assert p.score_cpus == 8 and len(p.actors) == 8 and p.actor_cpus == 1
+    p = plan_placement(Resources(cpus=2), particles=8)  # two actors fill the core the ScoreActor leaves idle
+    assert p.actors == [[0, 1, 2, 3], [4, 5, 6, 7]] and p.score_cpus == 1 and p.actor_cpus == 0.5
+    assert plan_placement(Resources(cpus=2), particles=1).actors == [[0]]
     with pytest.raises(ValueError, match="at least 2 CPUs"):
         plan_placement(Resources(cpus=1), particles=2)
 

@@ -168,7 +168,7 @@ class RayExecutor:
         results = ray.get([*score_stats, *applies, *(o[1] for o in outs)])
         stats = combine_score_stats(results[: len(self.scores)], [len(p) for p in self.placement.replica_particles()])
         stats |= lora()
-        per_actor = results[len(self.scores) : len(self.scores) + len(self.actors)]
+        per_actor = results[len(self.scores) :]  # apply stats, then render stats, of every actor
         for key in ("time/backward", "time/render", "time/encode"):
             values = [r[key] for r in per_actor if key in r]
             if values:

@@ -4,7 +4,10 @@ A pure function of its inputs, so every decision is testable without a cluster. 
 - particles are split as evenly as possible over A particle actors (A defaults to one per GPU, or one per
   CPU pair on CPU-only clusters, never more than the particles);
 - with at least 2 GPUs the ScoreActor gets a GPU of its own; with one GPU everything shares it (fractions);
-- on CPU-only clusters the CPUs are split between the ScoreActor and the particle actors;
+- on CPU-only clusters the CPUs are split between the ScoreActor and the particle actors, with at least two particle
+  actors: a step is a chain (render, score, backward), so the particle work can use the CPUs the ScoreActor
+  leaves idle meanwhile (measured on 2 CPUs, 8 particles: 0.29 s per step with one actor, 0.20 with two; Ray's
+  CPUs are logical and not enforced);
 - particle actors are SPREAD over nodes; the placement group is PACK on one node;
 - on several nodes every bundle must fit on one node: a GPU actor asks for no more CPUs than its node has per
   GPU, and a CPU-only ScoreActor for no more than the largest node.
@@ -126,7 +129,7 @@ def plan_placement(
         score_cpus = float(max(1, int(cpus // 2)))
         if resources.max_node_cpus:  # one bundle cannot span nodes
             score_cpus = min(score_cpus, float(int(resources.max_node_cpus)))
-        n = actors or max(1, min(particles, int(cpus - score_cpus)))
+        n = actors or max(min(2, particles), min(particles, int(cpus - score_cpus)))
         per_cpu = (cpus - score_cpus) / min(n, particles)
         if resources.nodes > 1:  # whole CPUs pack into the nodes' leftovers
             per_cpu = max(1.0, float(math.floor(per_cpu)))
