@@ -3,7 +3,9 @@
 # peft but neither Ray nor pdray installed (pdray runs from this folder on PYTHONPATH):
 #   1. nvidia-smi, versions, and the backends pdray selects there;
 #   2. the parity tests of the accelerated backends (tinycudann vs the torch hash grid, nvdiffrast vs the torch
-#      rasteriser; each skips with its reason where its backend does not import), numbers into OUT/parity.jsonl;
+#      rasteriser; each skips with its reason where its backend does not import), numbers into OUT/parity.jsonl,
+#      and the score-replica parity (two replicas' sharded scores and LoRA all-reduce equal one replica's, bit for
+#      bit, tests/test_replicas.py) on this device;
 #   3. benchmarks/gpu_step.py at 512 px, fp16, 1, 2 and 4 particles: per-component times, peak memory and the
 #      weak-scaling projection, into OUT/gpu_step.{json,md}.
 # Wheels in build/gpu-wheels (made by scripts/gpu_wheels.sh: diffusers, pydantic, trimesh, nvdiffrast...) are
@@ -55,6 +57,8 @@ echo "== parity tests"
 if "$python" -c "import pytest" 2>/dev/null; then
   PDRAY_PARITY_OUT="$out" timeout 210 "$python" -m pytest -q -rs -p no:cacheprovider tests/test_hashgrid.py tests/test_raster.py
   echo "pytest exit code $?"
+  timeout 90 "$python" -m pytest -q -rs -p no:cacheprovider tests/test_replicas.py
+  echo "replica parity pytest exit code $?"
 else
   echo "pytest is not installed: parity tests not run"
 fi

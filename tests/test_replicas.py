@@ -1,7 +1,8 @@
 """Score replicas without Ray: the math of sharding the score work and keeping one LoRA, on the tiny random prior.
 
 The Ray layer (``pdray.cluster.driver``) only moves these calls between processes; ``tests/test_ray.py`` runs them on
-a real cluster."""
+a real cluster. Without Ray (a GPU machine: ``scripts/gpu_check.sh``) all but the driver's checks run, on the device
+the prior picks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 from pdray.allreduce import cut, join, sum_in_order
-from pdray.cluster.driver import ReplicaDivergence, check_one_lora, combine_score_stats
 from pdray.config import load_config
 from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import load_prior
@@ -100,6 +100,9 @@ def test_a_sum_cut_in_pieces_and_joined_is_the_whole_sum_bit_for_bit():
 
 
 def test_diverged_replicas_stop_the_run_and_stats_combine():
+    pytest.importorskip("ray", reason="the driver's checks live in the Ray layer")
+    from pdray.cluster.driver import ReplicaDivergence, check_one_lora, combine_score_stats
+
     same = [[{"lora_loss": 0.5, "lora_digest": "ab" * 8, "time/lora_apply": t} for t in (0.1, 0.3)]]
     out = check_one_lora(7, same)
     assert out == {"lora_loss": 0.5, "lora_digest": int("ab" * 6, 16), "time/lora_apply": 0.3}
