@@ -102,30 +102,25 @@ class RayExecutor:
         self.pg = placement_group(self.placement.bundles, strategy=self.placement.strategy)
         ray.get(self.pg.ready(), timeout=120)
         spec = config.model_dump(mode="json")
-        restarts = config.ray.max_restarts
 
-        def in_bundle(index: int) -> PlacementGroupSchedulingStrategy:
-            return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
+        def placed(actor_class, cpus: float, gpus: float, bundle: int):
+            """The actor class with its resources, restarts, threads and placement-group bundle."""
+            return actor_class.options(
+                num_cpus=cpus,
+                num_gpus=gpus,
+                max_restarts=config.ray.max_restarts,
+                runtime_env=actor_runtime_env(cpus),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle),
+            )
 
+        plan = self.placement
         self.scores = [
-            ScoreActor.options(
-                num_cpus=self.placement.score_cpus,
-                num_gpus=self.placement.score_gpus,
-                max_restarts=restarts,
-                runtime_env=actor_runtime_env(self.placement.score_cpus),
-                scheduling_strategy=in_bundle(bundle),
-            ).remote(spec, self.placement.score_cpus)
-            for bundle in self.placement.score_bundles
+            placed(ScoreActor, plan.score_cpus, plan.score_gpus, bundle).remote(spec, plan.score_cpus)
+            for bundle in plan.score_bundles
         ]
         self.actors = [
-            ParticleActor.options(
-                num_cpus=self.placement.actor_cpus,
-                num_gpus=self.placement.actor_gpus,
-                max_restarts=restarts,
-                runtime_env=actor_runtime_env(self.placement.actor_cpus),
-                scheduling_strategy=in_bundle(bundle),
-            ).remote(spec, ids, self.placement.actor_cpus)
-            for ids, bundle in zip(self.placement.actors, self.placement.actor_bundles, strict=True)
+            placed(ParticleActor, plan.actor_cpus, plan.actor_gpus, bundle).remote(spec, ids, plan.actor_cpus)
+            for ids, bundle in zip(plan.actors, plan.actor_bundles, strict=True)
         ]
         self.trains_lora = config.guidance == "vsd" and config.particle_score == "lora"
         self.fits_all_particles = config.guidance == "vsd" and config.particle_score == "gaussian"
