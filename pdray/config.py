@@ -270,11 +270,22 @@ class RunConfig(Section):
     def _off_is_a_word(cls, value: Any) -> Any:
         return "off" if value is False else value
 
+    @property
+    def trains_lora(self) -> bool:
+        """VSD with the CameraLoRA as the particles' score: a LoRA is trained beside the particles."""
+        return self.guidance == "vsd" and self.particle_score == "lora"
+
+    @property
+    def fits_all_particles(self) -> bool:
+        """VSD with the Gaussian particle score: scoring one particle needs every particle's latents (the fit), so
+        a score replica is sent every render of a step and scores only those it serves."""
+        return self.guidance == "vsd" and self.particle_score == "gaussian"
+
     @model_validator(mode="after")
     def _stages_in_order(self) -> RunConfig:
         if self.stages not in (["nerf"], ["nerf", "mesh"]):
             raise ValueError(f"stages: must be [nerf] or [nerf, mesh], in that order; got {self.stages}")
-        if self.guidance == "vsd" and self.particle_score != "lora" and not self.camera.shared:
+        if self.fits_all_particles and not self.camera.shared:
             raise ValueError("particle_score: gaussian needs camera.shared: true (one fit per shared camera)")
         if "mesh" in self.stages and self.particle != "nerf":
             raise ValueError("stages: the mesh stage needs NeRF particles; image particles take stages=[nerf]")

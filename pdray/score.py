@@ -43,9 +43,8 @@ class ScoreEstimator:
     def __init__(self, config: RunConfig, prior: DiffusionPrior, stage: Stage = Stage.NERF):
         """``stage`` keys the random streams (the mesh stage's score estimators draw apart from the NeRF's)."""
         self.config, self.prior, self.stage = config, prior, stage
-        trains_lora = config.guidance == "vsd" and config.particle_score == "lora"
         init_seed = seed_of(config.seed, stage, Purpose.LORA_INIT, SHARED, 0)
-        self.lora = CameraLoRA(prior, config.lora, init_seed=init_seed) if trains_lora else None
+        self.lora = CameraLoRA(prior, config.lora, init_seed=init_seed) if config.trains_lora else None
 
     def prompts(self, view_labels: list[str | None]) -> list[str]:
         """The prompt per latent, with DreamFusion's view suffix when view-dependent prompting is on."""
@@ -69,11 +68,10 @@ class ScoreEstimator:
             noises.append(torch.randn((m, *z.shape[1:]), generator=generator))
         return torch.cat(ts).to(self.prior.device), torch.cat(noises).to(self.prior.device)
 
-    @property
-    def fits_all_particles(self) -> bool:
-        """True when scoring one particle needs every particle's latents (the Gaussian particle score): a score
-        replica is then sent every render of the step and scores only those it serves."""
-        return self.config.guidance == "vsd" and self.lora is None
+    def _lora(self, caller: str) -> CameraLoRA:
+        if self.lora is None:
+            raise ValueError(f"{caller}: this run trains no LoRA (guidance sds or particle_score gaussian)")
+        return self.lora
 
     def _chunks(self, renders: Sequence[RenderOut]) -> list[slice]:
         """Slices of the renders' concatenated latents for one UNet call each: at most score_batch_size latents and
@@ -98,7 +96,7 @@ class ScoreEstimator:
         the Gaussian fit, so a particle's gradient is the same whichever replica scores it."""
         started = time.perf_counter()
         serve = list(range(len(renders))) if serve is None else list(serve)
-        if self.fits_all_particles:  # one Gaussian per shared camera, fitted to every particle's latents
+        if self.config.fits_all_particles:  # one Gaussian per shared camera, fitted to every particle's latents
             z_all, c2w_all, _, _ = self._gather(renders)
             cameras = torch.unique(c2w_all.flatten(1), dim=0, return_inverse=True)[1]
             fit_mean, fit_variance = gaussian_fit(z_all, cameras)
@@ -114,7 +112,7 @@ class ScoreEstimator:
         cond = self.prior.embed(self.prompts(labels))
         uncond = self.prior.embed([self.config.negative_prompt] * n)
         a = self.prior.alpha_bar(t)
-        if self.fits_all_particles:
+        if self.config.fits_all_particles:
             eps_particles = gaussian_push(noise, a, z, fit_mean, fit_variance, self.config.gaussian_repulsion)
         out, lora_time = [], 0.0
         for sl in self._chunks(served):
@@ -144,32 +142,24 @@ class ScoreEstimator:
         """This replica's share of LoRA step ``k`` of ``step``: one loss gradient per render, summed over its detached
         latents, each particle's t, noise and camera dropout from its own stream. Summed in particle-actor order by
         ``lora_apply``, the shares give the same update bit for bit however the actors are sharded over replicas."""
-        if self.lora is None:
-            raise ValueError("lora_grads: this run trains no LoRA (guidance sds or particle_score gaussian)")
+        lora = self._lora("lora_grads")
         shares = []
         for render in renders:
             z, c2w, labels, runs = self._gather((render,))
             cond = self.prior.embed(self.prompts(labels))
             draw = LoraDraw.cat(
-                [
-                    self.lora.draw(z[sl], stream(self.config.seed, self.stage, Purpose.LORA, pid, step, k))
-                    for pid, sl in runs
-                ]
+                [lora.draw(z[sl], stream(self.config.seed, self.stage, Purpose.LORA, pid, step, k)) for pid, sl in runs]
             )
-            shares.append(self.lora.loss_grads(z, cond, c2w, draw, self.config.score_batch_size))
+            shares.append(lora.loss_grads(z, cond, c2w, draw, self.config.score_batch_size))
         return shares
 
     def lora_apply(self, *shares: LoraGrads) -> float:
         """One LoRA optimiser step on the sum of every particle actor's share (in actor order); the mean loss."""
-        if self.lora is None:
-            raise ValueError("lora_apply: this run trains no LoRA (guidance sds or particle_score gaussian)")
-        return self.lora.apply_grads(*shares)
+        return self._lora("lora_apply").apply_grads(*shares)
 
     def lora_apply_summed(self, grad_sum: torch.Tensor, loss_sum: float, count: int) -> float:
         """``lora_apply`` with the shares already summed (by the replicas' reduce-scatter, ``pdray.allreduce``)."""
-        if self.lora is None:
-            raise ValueError("lora_apply: this run trains no LoRA (guidance sds or particle_score gaussian)")
-        return self.lora.apply_summed(grad_sum, loss_sum, count)
+        return self._lora("lora_apply").apply_summed(grad_sum, loss_sum, count)
 
     def lora_update(self, step: int, *renders: RenderOut) -> dict[str, float]:
         """lora.steps_per_update LoRA steps, each on every detached latent of the renders (VSD with a LoRA);

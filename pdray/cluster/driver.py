@@ -122,8 +122,6 @@ class RayExecutor:
             placed(ParticleActor, plan.actor_cpus, plan.actor_gpus, bundle).remote(spec, ids, plan.actor_cpus)
             for ids, bundle in zip(plan.actors, plan.actor_bundles, strict=True)
         ]
-        self.trains_lora = config.guidance == "vsd" and config.particle_score == "lora"
-        self.fits_all_particles = config.guidance == "vsd" and config.particle_score == "gaussian"
         try:
             self.locations = self.wait_ready()
         except BaseException:
@@ -153,7 +151,7 @@ class RayExecutor:
         score_stats = []
         for score, served in zip(self.scores, self.placement.replicas, strict=True):
             # The Gaussian particle score fits every particle, so each replica sees every render and scores its own.
-            args = (served, *renders) if self.fits_all_particles else (None, *(renders[i] for i in served))
+            args = (served, *renders) if self.config.fits_all_particles else (None, *(renders[i] for i in served))
             *mine, stats = score.grads.options(num_returns=len(served) + 1).remote(step, *args)
             for i, ref in zip(served, mine, strict=True):
                 grads[i] = ref
@@ -181,7 +179,7 @@ class RayExecutor:
         if len(self.scores) == 1:
             ref = self.scores[0].lora_update.remote(step, *renders)
             return lambda: ray.get(ref)
-        if not self.trains_lora:
+        if not self.config.trains_lora:
             return dict
         r, updates = len(self.scores), []
         for k in range(self.config.lora.steps_per_update):
