@@ -56,6 +56,22 @@ def assert_same_state(a: dict, b: dict, atol: float = 0.0) -> float:
     return worst
 
 
+BATCH_RTOL = 1e-3
+"""Relative error (in norm) allowed between results that differ only in how latents are batched into UNet calls.
+
+A batch of another size makes the CPU's matrix kernels block and sum in another order (it depends on the CPU: AVX2
+and AVX-512 machines differ, and ATEN_CPU_CAPABILITY does not change the GEMM blocking). A float32 sum of K terms in
+any order is within K * 2**-24 of the exact sum, relative to the sum of the terms' magnitudes: about 3e-5 for the
+tiny UNet's longest reductions (K = 576, a 3x3 convolution over 64 channels), so at most a few 1e-4 through its ten
+or so layers, and measured at 4e-6 to 6e-6. A wrong draw (another particle's noise or t) moves the result by O(1)."""
+
+
+def assert_close_in_norm(actual: torch.Tensor, expected: torch.Tensor, rtol: float = BATCH_RTOL) -> None:
+    """||actual - expected|| <= rtol * ||expected||: the batch-order tolerance, immune to single near-zero elements."""
+    error = float((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-30))
+    assert error <= rtol, f"relative error {error:.3g} > {rtol:g}"
+
+
 def signal_after(path, lines: int, signum=signal.SIGINT) -> threading.Thread:
     """Send signum to this process once ``path`` holds ``lines`` lines (a metrics.jsonl being written)."""
 
@@ -82,22 +98,27 @@ def test_streams_have_a_fixed_key_layout_so_purposes_never_share_a_draw():
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_adding_a_particle_leaves_the_other_particles_streams_unchanged(tiny_model, shared):
-    """SDS is per latent, so with per-particle streams particles 0 and 1 get the same gradient with or without 2."""
+    """SDS is per latent, so with per-particle streams particles 0 and 1 get the same gradient with or without 2:
+    bit for bit when every UNet call holds one latent (equal batches), within BATCH_RTOL when the UNet batches 2 or 3."""
     overrides = ["guidance=sds", f"camera.shared={str(shared).lower()}", "particle_score=lora"]
-    config = tiny_config(tiny_model, *overrides)
-    prior = DiffusionPrior(tiny_model, device="cpu")
-    score = ScoreEstimator(config, prior)
     results = {}
-    for ids in ([0, 1], [0, 1, 2]):
-        group = ParticleGroup(config.model_copy(update={"particles": len(ids)}), ids, prior)
-        render, _ = group.render(5)
-        (grad,), _ = score.grads(5, render)
-        results[len(ids)] = (render, grad)
-    (small, g_small), (big, g_big) = results[2], results[3]
+    for batch in (1, 32):
+        config = tiny_config(tiny_model, *overrides, f"score_batch_size={batch}")
+        prior = DiffusionPrior(tiny_model, device="cpu")
+        score = ScoreEstimator(config, prior)
+        for ids in ([0, 1], [0, 1, 2]):
+            group = ParticleGroup(config.model_copy(update={"particles": len(ids)}), ids, prior)
+            render, _ = group.render(5)
+            (grad,), _ = score.grads(5, render)
+            results[batch, len(ids)] = (render, grad)
+    (small, g_small), (big, g_big) = results[1, 2], results[1, 3]
     torch.testing.assert_close(big.c2w[:2], small.c2w, rtol=0, atol=0)
     torch.testing.assert_close(big.latents[:2], small.latents, rtol=0, atol=0)
-    torch.testing.assert_close(g_big[:2], g_small, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_big[:2], g_small, rtol=0, atol=0)  # the same draws, the same UNet calls
     assert not torch.allclose(g_big[0], g_big[1])  # and each particle draws its own noise
+    for n in (2, 3):
+        assert_close_in_norm(results[32, n][1], results[1, n][1])
+    assert_close_in_norm(results[32, 3][1][:2], results[32, 2][1])
 
 
 @pytest.mark.parametrize("steps_per_update", [1, 2])
@@ -114,10 +135,14 @@ def test_score_batch_size_changes_memory_only_not_the_lora_update(tiny_model, st
         stats = score.lora_update(0, render)
         states.append(score.state_tensors())
         assert stats["lora_loss"] > 0
+    # Adam's step g / (|g| + eps) is scale-free: a relative gradient error e moves a weight by at most lr * e / 4 per
+    # step, and the moments by e relative; so every LoRA tensor stays within BATCH_RTOL of batch 1's, in norm.
     for other in states[1:]:
-        assert_same_state({"lora": states[0]}, {"lora": other}, atol=1e-6)
+        for key, value in other.items():
+            if value.numel() > 1:
+                assert_close_in_norm(value, states[0][key])
     for other in grads[1:]:
-        torch.testing.assert_close(other, grads[0], rtol=1e-5, atol=1e-6)
+        assert_close_in_norm(other, grads[0])
     adam_steps = [v for k, v in states[0].items() if k.endswith(".step")]
     assert adam_steps and all(float(s) == steps_per_update for s in adam_steps)
 
