@@ -15,18 +15,26 @@ The protocol, per run (each particle's views are its renders from the fixed eval
   ``eval.distractors``), so chance is 1 / (distractors + 1), recorded as ``clip_r_precision_chance``;
 - ``clip_diversity``: mean pairwise cosine distance between the particles' embeddings (each the normalised mean
   of its views' embeddings); ``clip_vendi``: the Vendi score of the same embeddings, the effective number of
-  distinct particles (1 to the number of particles).
+  distinct particles (1 to the number of particles);
+- ``clip_views_right`` (NeRF particles): the 3D-consistency read: for each view from a front, side or back camera,
+  whether its closest text among "PROMPT, front view" / "PROMPT, side view" / "PROMPT, back view" is the camera's;
+  the fraction right per particle, averaged over particles (a particle alike from every side scores about 1/3).
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pdray.diversity import clip_score, mean_pairwise_cosine_distance, normalise, r_precision, vendi_score
 from pdray.imaging import to_uint8
+from pdray.prompts import view_prompt
+
+VIEW_WORDS = ("front", "side", "back")
+"""The views CLIP's view read tells apart (the prompts' suffixes, DreamFusion's)."""
 
 DISTRACTORS = (
     "a wooden chair",
@@ -114,12 +122,27 @@ class ClipJudge:
         pooled = self.model.text_model(**tokens).pooler_output
         return normalise(self.model.text_projection(pooled).float().cpu())
 
+    def view_read(self, prompt: str, embeddings: torch.Tensor, targets: list[str | None]) -> float | None:
+        """The fraction of views (unit-norm image embeddings [V, D]) with a target view whose closest text among
+        "PROMPT, front view" / "side view" / "back view" is the target's; None when no view has a target."""
+        keep = [i for i, target in enumerate(targets) if target in VIEW_WORDS]
+        if not keep:
+            return None
+        texts = self.embed_texts([view_prompt(prompt, v) for v in VIEW_WORDS])
+        nearest = (embeddings[keep].double() @ texts.double().T).argmax(dim=-1).tolist()
+        return sum(VIEW_WORDS[n] == targets[i] for n, i in zip(nearest, keep, strict=True)) / len(keep)
+
     def metrics(
-        self, prompt: str, views: dict[int, torch.Tensor], distractors: list[str] | tuple[str, ...] = DISTRACTORS
-    ) -> tuple[dict[str, float], dict[int, float]]:
+        self,
+        prompt: str,
+        views: dict[int, torch.Tensor],
+        distractors: list[str] | tuple[str, ...] = DISTRACTORS,
+        view_targets: list[str | None] | None = None,
+    ) -> tuple[dict[str, Any], dict[int, float]]:
         """The run's CLIP metrics (see the module docstring) and each particle's CLIP score.
 
-        views: particle id -> its views [V, 3, H, W] in [0, 1]."""
+        views: particle id -> its views [V, 3, H, W] in [0, 1]; view_targets: the view each of the V cameras shows
+        (``pdray.world_eval.view_targets``), for ``clip_views_right``."""
         others = [d for d in dict.fromkeys(distractors) if d.strip().lower() != prompt.strip().lower()]
         texts = self.embed_texts([prompt, *others])
         per_view = {pid: self.embed_images(images) for pid, images in views.items()}
@@ -132,6 +155,11 @@ class ClipJudge:
             "clip_diversity": mean_pairwise_cosine_distance(particles),
             "clip_vendi": vendi_score(particles),
         }
+        if view_targets is not None:
+            reads = {pid: self.view_read(prompt, e, view_targets) for pid, e in per_view.items()}
+            if all(r is not None for r in reads.values()):
+                run["clip_views_right"] = sum(reads.values()) / len(reads)
+                run["clip_views_right_per_particle"] = reads
         return run, per_particle
 
 

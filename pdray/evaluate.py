@@ -2,9 +2,12 @@
 
 Three judges, each named beside its numbers (``Evaluation.judge_of``):
 - ``toy``: with the toy prior, the toy world's judge says whether each view shows the prompt (the analogue of CLIP
-  R-precision) and gives features for diversity;
-- ``clip``: with ``eval.clip_model`` set, CLIP score, CLIP R-precision, and diversity and Vendi score of the
-  particles' CLIP embeddings (``pdray.clip_judge``), for any prior;
+  R-precision) and gives features for diversity; for NeRF particles it also reads each view's view (front / side
+  / back, on mugs, chairs and houses) and shape against the world's own renders from the same cameras, and gives
+  the kernel distance to those renders (``pdray.world_eval``: is a particle a 3D object, and is it the world's);
+- ``clip``: with ``eval.clip_model`` set, CLIP score, CLIP R-precision, diversity and Vendi score of the
+  particles' CLIP embeddings, and for NeRF particles the view read (``clip_views_right``: which of "PROMPT, front
+  view" / "side view" / "back view" each view is closest to) (``pdray.clip_judge``), for any prior;
 - ``pixels``: image statistics every prior gets: the foreground saturation of the views (``pdray.metrics``),
   averaged over particles (the over-saturation symptom), their brightness, haze (faint fringe pixels per solid
   pixel), the number of distinct dominant hues, and without the toy judge a diversity fallback, the mean pairwise
@@ -33,8 +36,10 @@ from pdray.files import write_json
 from pdray.imaging import save_gif, save_png
 from pdray.metrics import HUE_BINS, dominant_hue, foreground_brightness, foreground_saturation, haze
 from pdray.priors.diffusion import TOY_MODEL, TOY_MODEL_DIR
+from pdray.priors.toyworld.captions import parse_prompt
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
 from pdray.tracking import Tracker, mean_pairwise_distance
+from pdray.world_eval import view_read, view_targets, views_matter, world_kid, world_renders
 
 EVAL_FILE = "eval.json"
 TOY_JUDGE = "the toy world's judge (a shape, colour and view classifier shipped with the toy prior)"
@@ -104,11 +109,39 @@ def score_views(config: RunConfig, views: dict[int, torch.Tensor]) -> dict[str, 
         result["colour_entropy_fraction"] = colour_entropy(colours) / max_colour_entropy()
         result["diversity"] = mean_pairwise_distance(torch.stack(features))
         result["diversity_measure"] = "mean pairwise distance of toy-judge features"
+        if config.particle == "nerf" and parse_prompt(config.prompt).shape is not None:
+            result |= world_scores(config, views, judge)
     else:
         small = [F.interpolate(v, size=(32, 32), mode="area").flatten() for v in views.values()]
         result["diversity"] = mean_pairwise_distance(torch.stack(small))
         result["diversity_measure"] = "mean pairwise RGB distance of 32x32 renders"
     return result
+
+
+def orbit_of(config: RunConfig, views: dict[int, torch.Tensor]) -> Cameras:
+    """The cameras of views on disk: the evaluation orbit with as many cameras as each particle has views."""
+    return eval_cameras(config, next(iter(views.values())).shape[0])
+
+
+def world_scores(config: RunConfig, views: dict[int, torch.Tensor], judge) -> dict[str, Any]:
+    """The toy world as the reference (``pdray.world_eval``): each particle's view and shape read from the orbit's
+    front / side / back cameras, the same read on the world's own renders of the prompt's object (the ceiling),
+    and the kernel distance of all the particles' views to those renders."""
+    cameras = orbit_of(config, views)
+    targets = view_targets(cameras)
+    world = world_renders(config.prompt, cameras, next(iter(views.values())).shape[-1], seed=config.seed)
+    reads = {pid: view_read(judge, images, targets, config.prompt) for pid, images in views.items()}
+    ceiling = [view_read(judge, chunk, targets, config.prompt) for chunk in world.split(len(cameras))]
+    out: dict[str, Any] = {
+        "shape_right": sum(r["shape_right"] for r in reads.values()) / len(reads),
+        "shape_right_world": sum(r["shape_right"] for r in ceiling) / len(ceiling),
+        "world_kid": world_kid(judge, torch.cat(list(views.values())), world, seed=config.seed),
+    }
+    if views_matter(config.prompt):
+        out["views_right"] = sum(r["views_right"] for r in reads.values()) / len(reads)
+        out["views_right_world"] = sum(r["views_right"] for r in ceiling) / len(ceiling)
+        out["views_right_per_particle"] = {pid: r["views_right"] for pid, r in reads.items()}
+    return out
 
 
 @dataclass
@@ -132,9 +165,11 @@ def judge_views(config: RunConfig, views: dict[int, torch.Tensor], clip: ClipJud
     toy = "judge_agreement" in metrics
     judge_of = {k: "pixels" if k in PIXEL_METRICS or not toy else "toy" for k in metrics}
     clip_scores: dict[int, float] = {}
+    clip_metrics: dict[str, Any] = {}
     if clip is not None:
         distractors = config.eval.distractors if config.eval.distractors is not None else DISTRACTORS
-        clip_metrics, clip_scores = clip.metrics(config.prompt, views, distractors)
+        targets = view_targets(orbit_of(config, views)) if config.particle == "nerf" else None
+        clip_metrics, clip_scores = clip.metrics(config.prompt, views, distractors, targets)
         metrics |= clip_metrics
         judge_of |= dict.fromkeys(clip_metrics, "clip")
     particles = []
@@ -147,6 +182,10 @@ def judge_views(config: RunConfig, views: dict[int, torch.Tensor], clip: ClipJud
         if toy:
             row["judged_colour"] = colours[i]
             row["judge_agreement"] = metrics["judge_agreement_per_particle"][pid]
+        if "views_right_per_particle" in metrics:
+            row["views_right"] = metrics["views_right_per_particle"][pid]
+        if "clip_views_right_per_particle" in clip_metrics:
+            row["clip_views_right"] = clip_metrics["clip_views_right_per_particle"][pid]
         particles.append(row)
     return Evaluation(metrics, judge_of, particles)
 
@@ -239,8 +278,14 @@ TABLE_METRICS = (
     "clip_r_precision",
     "clip_vendi",
     "clip_diversity",
+    "clip_views_right",
     "judge_agreement",
     "judge_confidence",
+    "views_right",
+    "views_right_world",
+    "shape_right",
+    "shape_right_world",
+    "world_kid",
     "colour_entropy_fraction",
     "diversity",
     "distinct_hues",

@@ -86,6 +86,8 @@ def test_every_run_writes_its_evaluation_and_page(toy_run):
     nerf = evaluation["stages"]["nerf"]
     assert nerf["judge_of"]["judge_agreement"] == "toy" and nerf["judge_of"]["saturation"] == "pixels"
     assert [p["particle"] for p in nerf["particles"]] == [0, 1, 2] and "judged_colour" in nerf["particles"][0]
+    assert {"shape_right", "shape_right_world", "world_kid"} <= set(nerf["metrics"])
+    assert "views_right" not in nerf["metrics"]  # a cube looks the same from every side: no view read
     summary = json.loads((toy_run / "summary.json").read_text())
     assert summary["judge_agreement"] == nerf["metrics"]["judge_agreement"]
     page = (toy_run / "report.html").read_text()
@@ -245,3 +247,26 @@ def test_a_checkpoint_refreshes_the_page_and_logs_the_evaluation(tiny_model, tin
     page = (tmp_path / "report.html").read_text()
     assert "judged at step 5 of 10; in progress" in page and 'http-equiv="refresh"' in page
     assert len(list(tmp_path.glob("wandb/offline-run-*/files/media/table/eval/particles_*.table.json"))) == 1
+
+
+def test_a_house_alike_from_every_side_reads_wrong_views_beside_the_worlds_ceiling(tiny_clip, tmp_path):
+    """eval.json's 3D read on a run folder whose particle 0 is the world's house from the orbit and particle 1 its
+    front view from every side; CLIP (tiny, random) gives its own view read of the same views."""
+    from pdray.config import load_config, save_config
+    from pdray.evaluate import eval_cameras, evaluate_folder
+    from pdray.imaging import save_png
+    from pdray.world_eval import world_renders
+
+    config = load_config("default", ["prompt=a house", "particles=2", "eval_views=8", f"eval.clip_model={tiny_clip}"])
+    save_config(config, tmp_path / "config.yaml")
+    house = world_renders("a house", eval_cameras(config, 8), 32)[:8]
+    for pid, views in enumerate([house, house[:1].expand(8, -1, -1, -1)]):
+        save_png(torch.cat(list(views), dim=2), tmp_path / "particles" / f"{pid:02d}" / "views.png")
+    nerf = evaluate_folder(tmp_path, config, step=0)["stages"]["nerf"]
+    metrics = nerf["metrics"]
+    assert metrics["views_right_per_particle"] == {0: 1.0, 1: 0.25} and metrics["views_right"] == 0.625
+    assert metrics["views_right_world"] == 1.0 and metrics["shape_right"] == 1.0
+    assert nerf["judge_of"]["views_right"] == "toy" and nerf["judge_of"]["clip_views_right"] == "clip"
+    assert 0.0 <= metrics["clip_views_right"] <= 1.0
+    assert [row["views_right"] for row in nerf["particles"]] == [1.0, 0.25]
+    assert "views_right" in (tmp_path / "report.html").read_text()
