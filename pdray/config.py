@@ -218,6 +218,9 @@ class RunConfig(Section):
     camera (closed form, nothing trained); "lora", the paper's camera-conditioned LoRA fitted alongside."""
     gaussian_repulsion: Annotated[float, Field(ge=0.0)] = 1.0
     """Scale of the Gaussian particle score's push away from the particles' mean (1: the fit's own; 0: SDS)."""
+    gaussian_resolution: Annotated[int, Field(ge=1)] | None = None
+    """Side of the latent grid the Gaussian particle score sees: it fits and pushes the latents' block means on that
+    grid (colour and layout), finer detail gets SDS's score of the particle itself; none: every latent pixel."""
     seed: Annotated[int, Field(ge=0)] = 0
     """Seed of every random stream (each particle derives its own)."""
     steps: Annotated[int, Field(ge=1)] = 400
@@ -274,6 +277,17 @@ class RunConfig(Section):
     def trains_lora(self) -> bool:
         """VSD with the CameraLoRA as the particles' score: a LoRA is trained beside the particles."""
         return self.guidance == "vsd" and self.particle_score == "lora"
+
+    @property
+    def estimator(self) -> str:
+        """What scores the particles' own renders, in words for summary.json and the run's first line."""
+        if self.guidance == "sds":
+            return "sds: the sampled noise (DreamFusion)"
+        if self.particle_score == "lora":
+            return "vsd with the camera-conditioned LoRA (ProlificDreamer)"
+        if self.particles == 1:
+            return "sds: a Gaussian fitted to one particle has no spread, so this is SDS (particle_score=lora: VSD)"
+        return "vsd with a Gaussian fitted to the particles' latents per camera: SDS plus a push from their mean"
 
     @property
     def fits_all_particles(self) -> bool:

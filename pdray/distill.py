@@ -66,6 +66,7 @@ def gaussian_eps(
     latents: torch.Tensor,
     groups: torch.Tensor,
     repulsion: float = 1.0,
+    resolution: int | None = None,
 ) -> torch.Tensor:
     """VSD's eps_phi from a Gaussian fitted to the particles' own latents, one fit per camera: nothing trained.
 
@@ -78,10 +79,25 @@ def gaussian_eps(
     the noise in eps_pretrained, and the rest fogs the particles). Particles gathered in one place (small
     sigma^2) are pushed apart strongly, spread ones hardly; a group of one gives the noise (SDS). ``repulsion``
     scales that push (1: the fitted Gaussian's own; 0: SDS).
+
+    ``resolution`` fits the Gaussian to the latents' ``coarse`` part only (block means on that grid): the push then
+    spreads the particles in colour and layout, and the finer detail keeps SDS's score of each particle itself,
+    which the prior sharpens (a push on every pixel amplifies whatever detail sets two particles apart, speckle
+    included). None: every latent pixel.
     noise, latents: [B, C, h, w]; alpha_bar_t: [B, 1, 1, 1]; groups: [B] int. -> eps [B, C, h, w], float32.
     """
-    mean, variance = gaussian_fit(latents, groups)
-    return gaussian_push(noise, alpha_bar_t, latents, mean, variance, repulsion)
+    mean, variance = gaussian_fit(coarse(latents, resolution), groups)
+    return gaussian_push(noise, alpha_bar_t, coarse(latents, resolution), mean, variance, repulsion)
+
+
+def coarse(latents: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    """The part of latents [B, C, h, w] that a ``resolution`` x ``resolution`` grid holds: block means repeated back
+    to h x w (an orthogonal projection when ``resolution`` divides h and w); None or a finer grid: the latents."""
+    h, w = latents.shape[-2:]
+    if resolution is None or (resolution >= h and resolution >= w):
+        return latents
+    pooled = torch.nn.functional.adaptive_avg_pool2d(latents, resolution)
+    return torch.nn.functional.interpolate(pooled, size=(h, w), mode="nearest")
 
 
 def gaussian_fit(latents: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

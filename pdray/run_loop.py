@@ -216,6 +216,7 @@ def run_stage(
     ``labels`` file the W&B run in a group with extra config (a study's cell)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
+    print(f"{config.particles} particle(s), {config.estimator}", flush=True)
     stop = StopSignals()
     with stop.installed():
         created = time.perf_counter()

@@ -17,7 +17,7 @@ import torch
 
 from pdray.checkpoint import load_optimizer_tensors, optimizer_tensors
 from pdray.config import RunConfig
-from pdray.distill import gaussian_fit, gaussian_push, sample_timesteps, sds_grad, t_bounds, vsd_grad
+from pdray.distill import coarse, gaussian_fit, gaussian_push, sample_timesteps, sds_grad, t_bounds, vsd_grad
 from pdray.priors.diffusion import DiffusionPrior
 from pdray.priors.lora import CameraLoRA, LoraDraw
 from pdray.prompts import view_prompt
@@ -99,7 +99,7 @@ class ScoreEstimator:
         if self.config.fits_all_particles:  # one Gaussian per shared camera, fitted to every particle's latents
             z_all, c2w_all, _, _ = self._gather(renders)
             cameras = torch.unique(c2w_all.flatten(1), dim=0, return_inverse=True)[1]
-            fit_mean, fit_variance = gaussian_fit(z_all, cameras)
+            fit_mean, fit_variance = gaussian_fit(coarse(z_all, self.config.gaussian_resolution), cameras)
             offsets = [0, *itertools.accumulate(r.latents.shape[0] for r in renders)]
             rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in serve]).to(z_all.device)
             fit_mean, fit_variance = fit_mean[rows], fit_variance[rows]
@@ -113,7 +113,8 @@ class ScoreEstimator:
         uncond = self.prior.embed([self.config.negative_prompt] * n)
         a = self.prior.alpha_bar(t)
         if self.config.fits_all_particles:
-            eps_particles = gaussian_push(noise, a, z, fit_mean, fit_variance, self.config.gaussian_repulsion)
+            z_coarse = coarse(z, self.config.gaussian_resolution)
+            eps_particles = gaussian_push(noise, a, z_coarse, fit_mean, fit_variance, self.config.gaussian_repulsion)
         out, lora_time = [], 0.0
         for sl in self._chunks(served):
             eps_pre = self.prior.predict_eps(x_t[sl], t[sl], cond[sl], uncond[sl], self.config.cfg)

@@ -96,3 +96,22 @@ def test_gaussian_repulsion_scales_the_push_and_zero_is_sds():
     full, half = gaussian_eps(noise, a, z, groups), gaussian_eps(noise, a, z, groups, repulsion=0.5)
     torch.testing.assert_close(half - noise, 0.5 * (full - noise))
     torch.testing.assert_close(gaussian_eps(noise, a, z, groups, repulsion=0.0), noise)
+
+
+def test_coarse_is_an_orthogonal_projection_and_the_coarse_gaussian_pushes_block_means_only():
+    from pdray.distill import coarse, gaussian_eps
+
+    g = torch.Generator().manual_seed(2)
+    z, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    a, groups = torch.full((4, 1, 1, 1), 0.5), torch.zeros(4, dtype=torch.long)
+    for resolution in (1, 2, 4):
+        p = coarse(z, resolution)
+        torch.testing.assert_close(coarse(p, resolution), p)  # idempotent
+        assert abs(float(((z - p) * p).sum())) < 1e-3  # the remainder is orthogonal to it
+        push = gaussian_eps(noise, a, z, groups, resolution=resolution) - noise
+        torch.testing.assert_close(coarse(push, resolution), push)  # the push lives on the coarse grid
+        assert float(push.abs().max()) > 0.05
+    per_channel = gaussian_eps(noise, a, z, groups, resolution=1) - noise
+    assert torch.allclose(per_channel, per_channel[..., :1, :1].expand_as(per_channel))
+    torch.testing.assert_close(gaussian_eps(noise, a, z, groups, resolution=8), gaussian_eps(noise, a, z, groups))
+    assert coarse(z, None) is z
