@@ -12,10 +12,13 @@ prints one row per method (pdray.quality.set_quality):
   features, beside the floor (another draw of as many ancestral samples as the particles have views, against the
   same reference);
 - haze (faint fringe pixels per solid pixel; lower is crisper), edge energy, saturation, brightness;
-- agreement (judge sees the prompt's shape / colour) and confidence (the judge's probability of it); wall time.
+- agreement (judge sees the prompt's shape / colour) and confidence (the judge's probability of it);
+- 3D only, from the run's eval.json (``pdray.world_eval``): views, the judge's view read right at the orbit's front /
+  side / back cameras (mugs, chairs, houses; the world's own renders score 1.0), shape right per view, and wKID, the
+  kernel distance to the world's renders of the prompt's object from the same cameras; wall time.
 
 Writes ``table.json``, ``table.md`` and one contact sheet per prompt and dimension (ancestral samples on top,
-then each method's particles, two views each in 3D) to ``--out``.
+then each method's particles, at azimuths 0 / 90 / 180 / 270 in 3D) to ``--out``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from pdray.priors.sampling import sample_images
 from pdray.priors.toyworld.judge import load_judge
 from pdray.quality import set_quality
 
-PROMPTS = "a cube;a sphere;a cone;a mug;a red cube;a blue mug"
+PROMPTS = "a cube;a sphere;a cone;a mug;a chair;a house;a red cube;a blue mug"
 METHODS = {
     "vsd": ["guidance=vsd", "cfg=7.5"],
     "sds7.5": ["guidance=sds", "cfg=7.5"],
@@ -87,16 +90,29 @@ def ancestral_row(
 
 def fmt(row: dict) -> str:
     kid = f"{row['kid']:.3f}" if "kid" in row else "-"
+
+    def opt(key: str, spec: str) -> str:
+        return "-" if row.get(key) is None else format(row[key], spec)
+
     return (
         f"{row['colour_entropy_fraction']:>8.2f}{row['distinct_hues']:>6.1f}{kid:>8}{row['haze']:>7.3f}"
         f"{row['edge_energy']:>7.3f}{row['saturation']:>6.2f}{row['brightness']:>6.2f}"
-        f"{row['agreement']:>6.2f}{row['confidence']:>6.2f}{row['seconds']:>7.0f}"
+        f"{row['agreement']:>6.2f}{row['confidence']:>6.2f}"
+        f"{opt('views_right', '.2f'):>6}{opt('shape_right', '.2f'):>6}{opt('world_kid', '.1f'):>7}"
+        f"{row['seconds']:>7.0f}"
     )
 
 
+WORLD_READ = ("views_right", "views_right_world", "shape_right", "world_kid")
+"""What a 3D run's eval.json says against the toy world itself (``pdray.world_eval``), copied into its row."""
+
+
 def write_markdown(table: dict, path: Path) -> None:
-    lines = ["| dim / prompt / method | colour H | hues | KID | haze | edge | sat | value | agree | conf | s |"]
-    lines.append("|" + "---|" * 11)
+    lines = [
+        "| dim / prompt / method | colour H | hues | KID | haze | edge | sat | value | agree | conf | views | shape"
+        " | wKID | s |"
+    ]
+    lines.append("|" + "---|" * 14)
     for key, rows in table.items():
         for name, row in rows.items():
             lines.append(f"| {key} / {name} | " + " | ".join(fmt(row).split()) + " |")
@@ -119,7 +135,7 @@ def main() -> None:
     judge = load_judge(TOY_MODEL_DIR / "judge")
     table = json.loads((out / "table.json").read_text()) if (out / "table.json").exists() else {}
     header = f"{'':<30}{'colourH':>8}{'hues':>6}{'KID':>8}{'haze':>7}{'edge':>7}{'sat':>6}{'value':>6}"
-    header += f"{'agree':>6}{'conf':>6}{'sec':>7}"
+    header += f"{'agree':>6}{'conf':>6}{'views':>6}{'shape':>6}{'wKID':>7}{'sec':>7}"
     for prompt in args.prompts.split(";"):
         started = time.perf_counter()
         reference = sample_images(prior, [prompt] * args.reference_samples, cfg=7.5, seed=1000, progress=False)
@@ -152,7 +168,10 @@ def main() -> None:
                 seconds = time.perf_counter() - started
                 views = particle_views(run_dir, n_views)
                 rows[method] = set_quality(views, prompt, judge, reference) | {"seconds": seconds}
-                shown = [0, n_views // 4] if dim == "3d" else [0]
+                if dim == "3d":
+                    metrics = json.loads((run_dir / "eval.json").read_text())["stages"]["nerf"]["metrics"]
+                    rows[method] |= {k: metrics.get(k) for k in WORLD_READ}
+                shown = [0, n_views // 4, n_views // 2, 3 * n_views // 4] if dim == "3d" else [0]
                 for v in shown:
                     sheet.append(sheet_row([p[v] for p in views], f"{method}" + (f" view {v}" if dim == "3d" else "")))
             key = f"{dim} | {prompt}"
