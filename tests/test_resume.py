@@ -99,7 +99,7 @@ def test_streams_have_a_fixed_key_layout_so_purposes_never_share_a_draw():
 @pytest.mark.parametrize("shared", [True, False])
 def test_adding_a_particle_leaves_the_other_particles_streams_unchanged(tiny_model, shared):
     """SDS is per latent, so with per-particle streams particles 0 and 1 get the same gradient with or without 2:
-    bit for bit when every UNet call holds one latent (equal batches), within BATCH_RTOL when the UNet batches 2 or 3."""
+    bit for bit when every UNet call holds one latent (equal batches), within BATCH_RTOL when it batches 2 or 3."""
     overrides = ["guidance=sds", f"camera.shared={str(shared).lower()}", "particle_score=lora"]
     results = {}
     for batch in (1, 32):
