@@ -14,6 +14,8 @@ benchmark can be stopped and continued. Per prompt and variant, the mean over se
   features (``pdray.world_eval.world_kid``; lower is closer, about 0 for the world's own renders);
 - value / sat: foreground brightness and saturation over the prior's ancestral samples' (DDIM 50, CFG 7.5);
 - colour H: entropy of the judged colours over log 6, beside the samples' for as many draws as particles;
+- views samples (table.md): how well the prior itself binds views, the judge's read of its samples of
+  "PROMPT, front view" / "side view" / "back view" (a distillation can hardly beat its prior's own read);
 - haze, seconds per run.
 
 Writes ``table.json``, ``table.md`` and one contact sheet per prompt (``sheet_<prompt>.png``: per variant, the
@@ -37,6 +39,9 @@ from pdray.metrics import foreground_brightness, foreground_saturation
 from pdray.priors.diffusion import TOY_MODEL_DIR, DiffusionPrior
 from pdray.priors.sampling import sample_images
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
+from pdray.priors.toyworld.world import VIEWS
+from pdray.prompts import view_prompt
+from pdray.world_eval import views_matter
 
 COLUMNS = ("views", "shape", "wkid", "value", "sat", "colourH", "haze", "seconds")
 
@@ -51,6 +56,9 @@ def sample_reference(prompt: str, particles: int, out: Path, n: int = 64) -> dic
     path = out / "samples.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
     key = f"{prompt}|{particles}"
+    if key in cache and "views_right" not in cache[key] and views_matter(prompt):
+        cache[key]["views_right"] = prior_view_read(prompt)
+        path.write_text(json.dumps(cache, indent=2))
     if key not in cache:
         prior = DiffusionPrior("toyworld", device="cpu")
         judge = load_judge(TOY_MODEL_DIR / "judge")
@@ -62,9 +70,21 @@ def sample_reference(prompt: str, particles: int, out: Path, n: int = 64) -> dic
             "saturation": foreground_saturation(images),
             "colour_entropy_fraction": sum(colour_entropy(g) for g in groups) / len(groups) / max_colour_entropy(),
         }
+        if views_matter(prompt):
+            cache[key]["views_right"] = prior_view_read(prompt)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cache, indent=2))
     return cache[key]
+
+
+def prior_view_read(prompt: str, per_view: int = 16) -> float:
+    """How well the prior itself binds views: the fraction of its samples of "PROMPT, front view" / "side view" /
+    "back view" (DDIM 50, CFG 7.5) that the judge reads as the view asked for."""
+    prior = DiffusionPrior("toyworld", device="cpu")
+    judge = load_judge(TOY_MODEL_DIR / "judge")
+    asked = [v for v in VIEWS for _ in range(per_view)]
+    images = sample_images(prior, [view_prompt(prompt, v) for v in asked], cfg=7.5, seed=3000, progress=False)
+    return sum(j == a for j, a in zip(judge.classify(images)["view"], asked, strict=True)) / len(asked)
 
 
 def run_once(prompt: str, particles: int, seed: int, overrides: list[str], run_dir: Path) -> dict:
@@ -108,6 +128,7 @@ def cell(runs: list[dict], reference: dict) -> dict:
         "sat": mean([r["saturation"] / reference["saturation"] for r in runs]),
         "colourH": mean([r.get("colour_entropy_fraction") for r in runs]),
         "colourH_samples": reference["colour_entropy_fraction"],
+        "views_right_samples": reference.get("views_right"),
         "haze": mean([r["haze"] for r in runs]),
         "seconds": mean([r["seconds"] for r in runs]),
         "seeds": len(runs),
@@ -157,10 +178,12 @@ def main() -> None:
             print(f"{key:<40}" + "".join(f"{fmt(row[c]):>9}" for c in COLUMNS), flush=True)
             (out / "table.json").write_text(json.dumps(table, indent=2))
             write_sheet(sheet, out / f"sheet_{slug(prompt)}-x{args.particles}.png")
-    lines = ["| prompt / variant | seeds | " + " | ".join(COLUMNS) + " | colour H samples |", "|" + "---|" * 11]
+    lines = ["| prompt / variant | seeds | " + " | ".join(COLUMNS) + " | colour H samples | views samples |"]
+    lines.append("|" + "---|" * 12)
     for key, row in table.items():
         values = " | ".join(fmt(row[c]) for c in COLUMNS)
-        lines.append(f"| {key} | {row['seeds']} | {values} | {fmt(row['colourH_samples'])} |")
+        samples = f"{fmt(row['colourH_samples'])} | {fmt(row.get('views_right_samples'))}"
+        lines.append(f"| {key} | {row['seeds']} | {values} | {samples} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 
