@@ -176,6 +176,8 @@ class MeshConfig(Section):
     """Classifier-free guidance of the geometry stage's SDS (paper: 100)."""
     texture_cfg: Annotated[float, Field(ge=1.0)] = 7.5
     """Classifier-free guidance of the texture stage's VSD (paper: 7.5)."""
+    texture_anchor_weight: Annotated[float, Field(ge=0)] = 1e4
+    """Weight of the texture renders' squared distance to the NeRF's, so a short VSD keeps its colours (paper: 0)."""
     geometry_lr: Annotated[float, Field(gt=0)] = 5e-3
     """Adam learning rate of the SDF and the deformation (paper: 5e-3); the texture uses nerf.lr_grid / lr_net."""
     t_range: TRange = TRange(at_step=5000)

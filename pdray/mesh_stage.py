@@ -3,7 +3,8 @@
     NeRF density > mesh.threshold  ->  DMTet SDF                 (MeshStage.__init__)
     geometry: SDS on rasterised normal maps (CFG 100) + normal consistency + Laplacian   (geometry_step)
     texture:  VSD with a fresh CameraLoRA on the fixed mesh; the texture field starts as a copy of the NeRF's
-              density/albedo field, of which only the albedo is used          (texture_step)
+              density/albedo field, of which only the albedo is used, and is held to the NeRF's renders
+              from the same cameras (mesh.texture_anchor_weight)           (texture_step)
     export:   xatlas UVs, baked texture, GLB, OBJ + MTL + PNG and turntable.gif into particles/NN/mesh/
 
 ``run_mesh_stage`` does all of it for one particle's NeRF weights, in one process, writing into a folder; the Ray
@@ -71,6 +72,7 @@ class MeshStage:
         )
         self.normal_background = 1.0 if config.nerf.background == "white" else 0.0  # threestudio: black
 
+        self.nerf = particle  # its renders anchor the texture's colours (mesh.texture_anchor_weight)
         self.texture = copy.deepcopy(field)  # starts as the NeRF's albedo; its density head goes unused
         groups = [
             {"params": self.texture.encoding.parameters(), "lr": config.nerf.lr_grid},
@@ -139,10 +141,21 @@ class MeshStage:
             self.mesh_verts, self.mesh_faces, cams, self.mesh.render_resolution, self.albedo, self.background
         )
 
+    def anchor(self, images: torch.Tensor, cams: Cameras, step: int) -> torch.Tensor:
+        """mesh.texture_anchor_weight x the squared distance of the mesh's renders ``[B, 3, H, W]`` to the NeRF's from
+        the same cameras, per pixel, weighted by the NeRF's opacity (its background says nothing of the surface)."""
+        generator = stream(self.config.seed, Stage.TEXTURE, Purpose.RENDER, self.particle_id, step)
+        with torch.no_grad():
+            nerf = self.nerf.render(cams, generator, self.mesh.render_resolution)
+        target, opacity = nerf.rgb.permute(0, 3, 1, 2), nerf.opacity.permute(0, 3, 1, 2)
+        return self.mesh.texture_anchor_weight * (opacity * (images - target) ** 2).mean()
+
     def texture_step(self, step: int, score: ScoreEstimator) -> dict[str, float]:
         cams = self.cameras(step, Stage.TEXTURE)
-        z = self.prior.encode(self.render(cams))
-        return self._step(z, cams, score, step, torch.zeros((), device=z.device), self.texture_optimizer)
+        images = self.render(cams)
+        z = self.prior.encode(images)
+        anchor = self.anchor(images, cams, step) if self.mesh.texture_anchor_weight else torch.zeros(())
+        return self._step(z, cams, score, step, anchor.to(z.device), self.texture_optimizer)
 
 
 def run_mesh_stage(

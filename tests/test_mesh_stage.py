@@ -154,6 +154,47 @@ def test_fine_tune_moves_geometry_and_texture_from_the_nerf(tiny_run) -> None:
         MeshStage(empty, particle, 1, prior)
 
 
+def test_texture_stage_holds_the_texture_to_the_nerfs_renders(tiny_run) -> None:
+    """The texture starts as the NeRF's albedo on the mesh's surface, which is not what the NeRF's renders show (they
+    blend the albedo along each ray); the default anchor brings the mesh's renders to the NeRF's, VSD alone (the old
+    texture stage, which repainted the toy runs' colours) does not."""
+    from pdray.checkpoint import load_particle_tensors
+    from pdray.evaluate import eval_cameras
+    from pdray.mesh_stage import MeshStage
+    from pdray.particle import build_particle
+    from pdray.priors.diffusion import load_prior
+
+    base, run_dir = tiny_run
+    assert (
+        base.mesh.texture_anchor_weight > 0 and load_config("prolificdreamer-texture").mesh.texture_anchor_weight == 0
+    )
+
+    def distance_after(steps: int, anchor_weight: float) -> float:
+        """Mean absolute rgb difference of the mesh's renders to the NeRF's inside both silhouettes."""
+        config = base.model_copy(update={"mesh": base.mesh.model_copy(update={"texture_anchor_weight": anchor_weight})})
+        prior = load_prior(config.prior)
+        particle = build_particle(config, prior, 1)
+        particle.load_state_tensors(load_particle_tensors(run_dir, 1)[1])
+        stage = MeshStage(config, particle, 1, prior)
+        stage.fix_geometry()
+        score = stage.score_estimator("vsd", config.mesh.texture_cfg, Stage.TEXTURE)
+        for step in range(steps):
+            stage.texture_step(step, score)
+        cams, size = eval_cameras(config, 4), config.mesh.render_resolution
+        with torch.no_grad():
+            nerf = particle.render(cams, torch.Generator().manual_seed(0), size)
+            mesh = stage.render(cams).permute(0, 2, 3, 1)
+            black = surface.render_color(
+                stage.mesh_verts, stage.mesh_faces, cams, size, torch.zeros_like, torch.ones_like
+            )
+        inside = (black[:, 0] < 0.01) & (nerf.opacity[..., 0] > 0.5)
+        return float((mesh - nerf.rgb)[inside].abs().mean())
+
+    start = distance_after(0, 0.0)
+    assert distance_after(30, base.mesh.texture_anchor_weight) < 0.75 * start
+    assert distance_after(30, 0.0) > 0.9 * start
+
+
 def test_pdray_run_with_the_mesh_stage_then_export_one_particle(tiny_model, tmp_path) -> None:
     out = tmp_path / "run"
     args = ["run", "--particles", "1", "--steps", "2", "--executor", "local", "--wandb", "off", "--out", str(out)]
