@@ -97,8 +97,8 @@ class CameraConfig(Section):
     """Camera distance range, world units (objects live in a sphere of radius 1)."""
     fov: tuple[Annotated[float, Field(gt=0, lt=180)], Annotated[float, Field(gt=0, lt=180)]] = (40.0, 50.0)
     """Vertical field of view range, degrees."""
-    views_per_step: Annotated[int, Field(ge=1)] = 1
-    """Cameras rendered per particle per step."""
+    views_per_step: Annotated[int, Field(ge=1)] = 4
+    """Cameras rendered per particle per step of the NeRF stage: 4 carve front, side and back apart (paper: 1)."""
     shared: bool = True
     """Every particle sees the same cameras at a step, so their renders form one sample of q(x | c) per camera."""
 
@@ -176,6 +176,8 @@ class MeshConfig(Section):
     """Classifier-free guidance of the geometry stage's SDS (paper: 100)."""
     texture_cfg: Annotated[float, Field(ge=1.0)] = 7.5
     """Classifier-free guidance of the texture stage's VSD (paper: 7.5)."""
+    views_per_step: Annotated[int, Field(ge=1)] = 1
+    """Cameras rendered per step of both mesh stages (paper: 1)."""
     texture_anchor_weight: Annotated[float, Field(ge=0)] = 1e4
     """Weight of the texture renders' squared distance to the NeRF's, so a short VSD keeps its colours (paper: 0)."""
     geometry_lr: Annotated[float, Field(gt=0)] = 5e-3
@@ -218,15 +220,16 @@ class RunConfig(Section):
     particle_score: Literal["gaussian", "lora"] = "gaussian"
     """VSD's score of the particles' own renders: "gaussian", a Gaussian fitted to their latents at each shared
     camera (closed form, nothing trained); "lora", the paper's camera-conditioned LoRA fitted alongside."""
-    gaussian_repulsion: Annotated[float, Field(ge=0.0)] = 1.0
-    """Scale of the Gaussian particle score's push away from the particles' mean (1: the fit's own; 0: SDS)."""
-    gaussian_resolution: Annotated[int, Field(ge=1)] | None = None
+    gaussian_repulsion: Annotated[float, Field(ge=0.0)] = 0.5
+    """Scale of the Gaussian particle score's push away from the particles' mean (1: the fit's own; 0: SDS; 0.5 kept
+    the toy world's tones where 1 made them neon, README "Particles that are 3D")."""
+    gaussian_resolution: Annotated[int, Field(ge=1)] | None = 1
     """Side of the latent grid the Gaussian particle score sees: it fits and pushes the latents' block means on that
     grid (colour and layout), finer detail gets SDS's score of the particle itself; none: every latent pixel."""
     seed: Annotated[int, Field(ge=0)] = 0
     """Seed of every random stream (each particle derives its own)."""
-    steps: Annotated[int, Field(ge=1)] = 400
-    """Optimisation steps of the NeRF (or 2D) stage."""
+    steps: Annotated[int, Field(ge=1)] = 800
+    """Optimisation steps of the NeRF (or 2D) stage (the toy NeRFs' views need 800 at 4 views per step)."""
     particle: Literal["nerf", "image"] = "nerf"
     """3D NeRF particles, or 2D image particles (the paper's 2D experiments)."""
     stages: list[Literal["nerf", "mesh"]] = ["nerf", "mesh"]

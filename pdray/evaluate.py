@@ -165,11 +165,12 @@ def judge_views(config: RunConfig, views: dict[int, torch.Tensor], clip: ClipJud
     toy = "judge_agreement" in metrics
     judge_of = {k: "pixels" if k in PIXEL_METRICS or not toy else "toy" for k in metrics}
     clip_scores: dict[int, float] = {}
-    clip_metrics: dict[str, Any] = {}
+    clip_views: dict[int, float] = {}
     if clip is not None:
         distractors = config.eval.distractors if config.eval.distractors is not None else DISTRACTORS
         targets = view_targets(orbit_of(config, views)) if config.particle == "nerf" else None
         clip_metrics, clip_scores = clip.metrics(config.prompt, views, distractors, targets)
+        clip_views = clip_metrics.pop("clip_views_right_per_particle", {})  # the particle rows carry it
         metrics |= clip_metrics
         judge_of |= dict.fromkeys(clip_metrics, "clip")
     particles = []
@@ -184,8 +185,8 @@ def judge_views(config: RunConfig, views: dict[int, torch.Tensor], clip: ClipJud
             row["judge_agreement"] = metrics["judge_agreement_per_particle"][pid]
         if "views_right_per_particle" in metrics:
             row["views_right"] = metrics["views_right_per_particle"][pid]
-        if "clip_views_right_per_particle" in clip_metrics:
-            row["clip_views_right"] = clip_metrics["clip_views_right_per_particle"][pid]
+        if pid in clip_views:
+            row["clip_views_right"] = clip_views[pid]
         particles.append(row)
     return Evaluation(metrics, judge_of, particles)
 

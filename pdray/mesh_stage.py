@@ -100,7 +100,7 @@ class MeshStage:
 
     def cameras(self, step: int, stage: Stage) -> Cameras:
         generator = stream(self.config.seed, stage, Purpose.CAMERA, self.particle_id, step)
-        return sample_cameras(self.config.camera.views_per_step, self.ranges, generator)
+        return sample_cameras(self.mesh.views_per_step, self.ranges, generator)
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
         """The texture field's colour ``[N, 3]`` at surface points ``[N, 3]``."""

@@ -14,7 +14,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 beside another busy process
 
 
 def tiny_vocab() -> dict[str, int]:

@@ -124,3 +124,18 @@ def test_a_partial_override_of_a_nested_section_keeps_the_run_defaults_of_its_ot
     assert cfg.nerf.field.hidden_dim == default.nerf.field.hidden_dim
     assert cfg.t_range.at_step == default.t_range.at_step == 200 and cfg.t_range.start == (0.02, 0.9)
     assert load_config("prolificdreamer").nerf.field.grid.kind == "hashgrid"
+
+
+def test_the_estimator_is_said_plainly_and_one_gaussian_particle_is_sds():
+    assert load_config("default", ["particles=1"]).estimator.startswith("sds: a Gaussian fitted to one particle")
+    assert load_config("default", ["particles=4"]).estimator.startswith("vsd with a Gaussian")
+    assert load_config("default", ["particles=1", "particle_score=lora"]).estimator.startswith("vsd with the camera")
+    assert load_config("sds").estimator.startswith("sds: the sampled noise")
+
+
+def test_the_toy_default_carves_views_and_the_2d_and_paper_presets_keep_theirs():
+    default, image2d, paper = load_config("default"), load_config("image2d"), load_config("prolificdreamer")
+    assert (default.camera.views_per_step, default.gaussian_resolution, default.gaussian_repulsion) == (4, 1, 0.5)
+    assert default.mesh.views_per_step == 1
+    assert (image2d.camera.views_per_step, image2d.gaussian_resolution, image2d.gaussian_repulsion) == (1, None, 1.0)
+    assert paper.camera.views_per_step == 1 and paper.particle_score == "lora"

@@ -38,6 +38,7 @@ def tiny_config(model, *overrides):
             "wandb=off",
             "log_every=1",
             "checkpoint_every=1000",
+            "camera.views_per_step=1",  # one latent per particle: these tests are about streams and batches
             *overrides,
         ],
     )

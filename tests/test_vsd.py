@@ -73,7 +73,7 @@ def test_gradients_reach_particle_parameters(tiny_model, particle, particle_scor
     group, score = ParticleGroup(config, [0, 1], prior), ScoreEstimator(config, prior)
     before = {k: v.clone() for k, v in group.state_tensors().items() if ".optim." not in k}
     render, _ = group.render(0)
-    assert render.latents.shape[0] == 2 and render.latents.requires_grad is False
+    assert render.latents.shape[0] == 2 * config.camera.views_per_step and render.latents.requires_grad is False
     grads, stats = score.grads(0, render)
     assert stats["t_max"] <= 980 and grads[0].shape == render.latents.shape
     score.lora_update(0, render)
