@@ -186,9 +186,10 @@ def test_the_local_and_the_ray_executor_run_one_loop_to_the_same_particles(refer
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each actor: Adam (eps 1e-15) turns rounding in near-zero gradients into lr steps
     try:
-        # UNet calls never mix two particle actors' latents: the Ray run scored each particle alone, and so does this
-        # one-process run with batches of one (score_batch_size bounds memory only).
-        run_local(config.model_copy(update={"executor": "local", "score_batch_size": 1}), tmp_path)
+        # UNet calls never mix two particle actors' latents: the Ray run scored each particle's views alone (one
+        # particle per actor), and so does this one-process run with batches of one particle's views.
+        one_particle = config.camera.views_per_step
+        run_local(config.model_copy(update={"executor": "local", "score_batch_size": one_particle}), tmp_path)
     finally:
         torch.set_num_threads(threads)
     _, local = load_checkpoint(tmp_path)
