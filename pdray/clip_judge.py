@@ -122,14 +122,15 @@ class ClipJudge:
         pooled = self.model.text_model(**tokens).pooler_output
         return normalise(self.model.text_projection(pooled).float().cpu())
 
-    def view_read(self, prompt: str, embeddings: torch.Tensor, targets: list[str | None]) -> float | None:
-        """The fraction of views (unit-norm image embeddings [V, D]) with a target view whose closest text among
-        "PROMPT, front view" / "side view" / "back view" is the target's; None when no view has a target."""
+    @staticmethod
+    def view_read(embeddings: torch.Tensor, view_texts: torch.Tensor, targets: list[str | None]) -> float | None:
+        """The fraction of views (unit-norm image embeddings [V, D]) with a target view whose closest of
+        ``view_texts`` (the embeddings of "PROMPT, front view" / "side view" / "back view", in VIEW_WORDS order) is
+        the target's; None when no view has a target."""
         keep = [i for i, target in enumerate(targets) if target in VIEW_WORDS]
         if not keep:
             return None
-        texts = self.embed_texts([view_prompt(prompt, v) for v in VIEW_WORDS])
-        nearest = (embeddings[keep].double() @ texts.double().T).argmax(dim=-1).tolist()
+        nearest = (embeddings[keep].double() @ view_texts.double().T).argmax(dim=-1).tolist()
         return sum(VIEW_WORDS[n] == targets[i] for n, i in zip(nearest, keep, strict=True)) / len(keep)
 
     def metrics(
@@ -156,7 +157,8 @@ class ClipJudge:
             "clip_vendi": vendi_score(particles),
         }
         if view_targets is not None:
-            reads = {pid: self.view_read(prompt, e, view_targets) for pid, e in per_view.items()}
+            view_texts = self.embed_texts([view_prompt(prompt, v) for v in VIEW_WORDS])
+            reads = {pid: self.view_read(e, view_texts, view_targets) for pid, e in per_view.items()}
             if all(r is not None for r in reads.values()):
                 run["clip_views_right"] = sum(reads.values()) / len(reads)
                 run["clip_views_right_per_particle"] = reads

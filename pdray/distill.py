@@ -86,8 +86,9 @@ def gaussian_eps(
     included). None: every latent pixel.
     noise, latents: [B, C, h, w]; alpha_bar_t: [B, 1, 1, 1]; groups: [B] int. -> eps [B, C, h, w], float32.
     """
-    mean, variance = gaussian_fit(coarse(latents, resolution), groups)
-    return gaussian_push(noise, alpha_bar_t, coarse(latents, resolution), mean, variance, repulsion)
+    seen = coarse(latents, resolution)
+    mean, variance = gaussian_fit(seen, groups)
+    return gaussian_push(noise, alpha_bar_t, seen, mean, variance, repulsion)
 
 
 def coarse(latents: torch.Tensor, resolution: int | None) -> torch.Tensor:

@@ -25,7 +25,14 @@ from torch import nn
 from pdray.cameras import Cameras
 from pdray.priors.toyworld.captions import parse_prompt
 from pdray.priors.toyworld.judge import Judge
-from pdray.priors.toyworld.world import ASYMMETRIC_SHAPES, COLOUR_NAMES, SHAPES, VIEWS, render_objects
+from pdray.priors.toyworld.world import (
+    ASYMMETRIC_SHAPES,
+    COLOUR_NAMES,
+    SHAPES,
+    VIEWS,
+    object_jitter,
+    render_objects,
+)
 
 VIEW_MARGIN = 20.0
 """Degrees an azimuth must keep from a front/side (45) or side/back (135) boundary for its view to be judged."""
@@ -80,8 +87,7 @@ def world_renders(prompt: str, cameras: Cameras, resolution: int, seed: int = 0)
         scales, jitter = torch.ones(k), torch.zeros(k, 3)
     else:
         colours = torch.full((k,), COLOUR_NAMES.index(wanted.colour))
-        scales = 0.9 + 0.2 * torch.rand(k, generator=generator)
-        jitter = 0.06 * (torch.rand(k, 3, generator=generator) * 2 - 1)
+        scales, jitter = object_jitter(k, generator)
     repeat = Cameras.cat([cameras] * k)
     return render_objects(
         torch.full((k * v,), SHAPES.index(wanted.shape)),

@@ -173,6 +173,12 @@ def render_objects(
     return F.avg_pool2d(image, supersample) if supersample > 1 else image
 
 
+def object_jitter(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The world's per-object variation: sizes [n] in [0.9, 1.1] and albedo offsets [n, 3] in [-0.06, 0.06]."""
+    scales = 0.9 + 0.2 * torch.rand(n, generator=generator)
+    return scales, 0.06 * (torch.rand(n, 3, generator=generator) * 2 - 1)
+
+
 def sample_world(
     n: int,
     generator: torch.Generator,
@@ -185,8 +191,7 @@ def sample_world(
     shapes = torch.randint(len(SHAPES), (n,), generator=generator)
     colours = torch.randint(len(COLOUR_NAMES), (n,), generator=generator)
     cameras = sample_cameras(n, ranges or CameraRanges(), generator)
-    scales = 0.9 + 0.2 * torch.rand(n, generator=generator)
-    jitter = 0.06 * (torch.rand(n, 3, generator=generator) * 2 - 1)
+    scales, jitter = object_jitter(n, generator)
     views = torch.tensor([VIEWS.index(v) if v in VIEWS else 0 for v in cameras.view_labels()])
     images = render_objects(
         shapes.to(device),
