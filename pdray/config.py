@@ -258,7 +258,7 @@ class RunConfig(Section):
     log_every: Annotated[int, Field(ge=1)] = 10
     """Steps between metric lines (and progress updates)."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 100
-    """Steps between checkpoints into checkpoints/latest."""
+    """Steps between checkpoints (checkpoints/SERIAL-step-STEP/: a shard per particle actor, then a manifest)."""
     eval_views: Annotated[int, Field(ge=1)] = 8
     """Fixed evaluation cameras (an orbit) for views.png and judge scores."""
     eval: EvalConfig = EvalConfig()

@@ -33,7 +33,6 @@ from pdray.checkpoint import checkpoint_step
 from pdray.clip_judge import DISTRACTORS, ClipJudge, ClipNotFoundError, load_clip_judge
 from pdray.config import ConfigError, RunConfig, load_config
 from pdray.files import write_json
-from pdray.imaging import save_gif, save_png
 from pdray.metrics import HUE_BINS, dominant_hue, foreground_brightness, foreground_saturation, haze
 from pdray.priors.diffusion import TOY_MODEL, TOY_MODEL_DIR
 from pdray.priors.toyworld.captions import parse_prompt
@@ -53,15 +52,10 @@ def eval_cameras(config: RunConfig, n: int) -> Cameras:
 
 def render_views(config: RunConfig, group, run_dir: Path, turntable_frames: int = 24) -> None:
     """Each particle's views.png from the fixed evaluation orbit, and its turntable.gif unless ``turntable_frames``
-    is 0. ``group`` is anything with ``images(cameras) -> {particle id: [V, 3, H, W]}``."""
+    is 0, written by whatever holds the particles: ``group`` has ``write_views(run_dir, views, turntable)``."""
     is_3d = config.particle == "nerf"
-    views = group.images(eval_cameras(config, config.eval_views if is_3d else 1))
-    turntables = group.images(eval_cameras(config, turntable_frames)) if is_3d and turntable_frames else {}
-    for pid, images in views.items():
-        folder = run_dir / "particles" / f"{pid:02d}"
-        save_png(torch.cat(list(images), dim=2), folder / "views.png")
-        if pid in turntables:
-            save_gif(turntables[pid], folder / "turntable.gif")
+    views = eval_cameras(config, config.eval_views if is_3d else 1)
+    group.write_views(run_dir, views, eval_cameras(config, turntable_frames) if is_3d and turntable_frames else None)
 
 
 def evaluate_particles(

@@ -14,9 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pdray.cameras import Cameras
+from pdray.checkpoint import read_lora, read_particles, write_lora_shard, write_particle_shard
 from pdray.config import RunConfig
 from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import load_prior
@@ -39,16 +38,16 @@ class LocalExecutor:
         grads, score_stats = self.score.grads(step, render)
         return stats | score_stats | self.score.lora_update(step, render) | self.group.apply(step, grads[0])
 
-    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        lora = self.score.state_tensors()
-        return {"particles": self.group.state_tensors(), **({"lora": lora} if lora else {})}
+    def write_checkpoint(self, folder: Path) -> tuple[dict[str, list[int]], str | None]:
+        shards = write_particle_shard(folder, self.group.particle_ids, self.group.state_tensors())
+        return shards, write_lora_shard(folder, self.score.state_tensors())
 
-    def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.group.load_state_tensors(tensors["particles"])
-        self.score.load_state_tensors(tensors.get("lora", {}))
+    def load_checkpoint(self, folder: Path, manifest: dict[str, Any]) -> None:
+        self.group.load_state_tensors(read_particles(folder, manifest, self.group.particle_ids))
+        self.score.load_state_tensors(read_lora(folder, manifest))
 
-    def images(self, cameras: Cameras) -> dict[int, torch.Tensor]:
-        return self.group.images(cameras)
+    def write_views(self, run_dir: Path, views: Cameras, turntable: Cameras | None) -> None:
+        self.group.write_views(run_dir, views, turntable)
 
     def report(self) -> dict[str, Any]:
         return {}

@@ -8,6 +8,7 @@ the local executor) drives: ``render(step)`` then ``apply(step, grads)``.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,7 @@ from pdray.checkpoint import load_optimizer_tensors, optimizer_tensors
 from pdray.config import RunConfig
 from pdray.distill import drop_nonfinite, surrogate_loss
 from pdray.geometry.nerf import BackgroundField, NeRFField
+from pdray.imaging import save_gif, save_png
 from pdray.priors.diffusion import DiffusionPrior
 from pdray.render.volume import opacity_entropy_loss, orientation_loss, render_volume, sparsity_loss
 from pdray.rng import SHARED, Purpose, Stage, seeded_global, stream
@@ -256,6 +258,16 @@ class ParticleGroup:
     def images(self, cameras: Cameras) -> dict[int, torch.Tensor]:
         """Every particle seen from the same cameras (evaluation views, turntables): [V, 3, H, W] each."""
         return {pid: p.images(cameras, self.prior) for pid, p in self.particles.items()}
+
+    @torch.no_grad()
+    def write_views(self, run_dir: Path, views: Cameras, turntable: Cameras | None = None) -> None:
+        """Each particle's particles/NN/views.png (the views side by side) and, given its cameras, turntable.gif,
+        written where the particles live (the run folder is shared), so no image goes through the driver."""
+        for pid, particle in self.particles.items():
+            folder = run_dir / "particles" / f"{pid:02d}"
+            save_png(torch.cat(list(particle.images(views, self.prior)), dim=2), folder / "views.png")
+            if turntable is not None:
+                save_gif(particle.images(turntable, self.prior), folder / "turntable.gif")
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -3,7 +3,7 @@
 An executor says where particles and the score model live (one process: ``pdray.local_executor``; Ray actors:
 ``pdray.cluster.driver``); this loop is the only place that decides what happens when:
 
-    restore the last checkpoint (resume) or write step 0's
+    restore the last checkpoint (resume) or write step 0's (each holder writes its shard, then the loop the manifest)
     for each step: executor.step(step) -> stats; log every log_every; checkpoint every checkpoint_every, with
         the views, eval.json, report.html and W&B's per-particle table refreshed
     SIGINT / SIGTERM: the step in flight finishes, the state after it is checkpointed under its step, RunStopped
@@ -24,13 +24,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import torch
 from tqdm.auto import tqdm
 
 from pdray.cameras import Cameras
-from pdray.checkpoint import checkpoint_step, config_digest, load_checkpoint, save_checkpoint
+from pdray.checkpoint import (
+    checkpoint_folder,
+    checkpoint_step,
+    commit_checkpoint,
+    config_digest,
+    new_checkpoint_folder,
+    read_manifest,
+)
 from pdray.config import RunConfig, save_config
-from pdray.evaluate import eval_cameras, evaluate_checkpoint, evaluate_particles
+from pdray.evaluate import evaluate_checkpoint, evaluate_particles, load_views
 from pdray.tracking import Tracker, WandbLabels, run_summary
 
 T = TypeVar("T")
@@ -47,13 +53,15 @@ class Executor(Protocol):
     def step(self, step: int) -> dict[str, float]:
         """One alternating VSD update of every particle (render, score, LoRA, backward); returns its stats."""
 
-    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Everything a checkpoint holds: {"particles": ..., "lora": ...} (lora only when a LoRA is trained)."""
+    def write_checkpoint(self, folder: Path) -> tuple[dict[str, list[int]], str | None]:
+        """Every holder of state writes its own shard into folder: -> ({file: particle ids}, the LoRA's file or
+        None). The loop then writes the manifest (``pdray.checkpoint``)."""
 
-    def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None: ...
+    def load_checkpoint(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Every particle and the LoRA from a checkpoint's shards, each holder reading its own."""
 
-    def images(self, cameras: Cameras) -> dict[int, torch.Tensor]:
-        """Every particle seen from the same cameras: [V, 3, H, W] each, by particle id."""
+    def write_views(self, run_dir: Path, views: Cameras, turntable: Cameras | None) -> None:
+        """Each particle's views.png (and turntable.gif) from the same cameras, written where it lives."""
 
     def report(self) -> dict[str, Any]:
         """Executor-specific summary fields (placement, memory)."""
@@ -114,15 +122,18 @@ class Loop:
 
     def checkpoint(self, step: int) -> None:
         info = {"config_digest": config_digest(self.config), "recoveries": self.recoveries}
-        save_checkpoint(self.run_dir, step, self.executor.state_tensors(), info)
+        folder = new_checkpoint_folder(self.run_dir, step)
+        shards, lora = self.executor.write_checkpoint(folder)
+        commit_checkpoint(folder, step, shards, lora, info)
 
     def restore(self) -> int:
         """Load the last checkpoint into the executor; returns its step."""
-        info, tensors = load_checkpoint(self.run_dir)
-        if info.get("config_digest") not in (None, config_digest(self.config)) and int(info["step"]) > 0:
+        folder = checkpoint_folder(self.run_dir)
+        manifest = read_manifest(folder)
+        if manifest.get("config_digest") not in (None, config_digest(self.config)) and int(manifest["step"]) > 0:
             tqdm.write("note: the run's config changed since its last checkpoint; going on with the new one")
-        self.executor.load_state_tensors(tensors)
-        return int(info["step"])
+        self.executor.load_checkpoint(folder, manifest)
+        return int(manifest["step"])
 
     def recover(self, err: BaseException, where: str) -> int:
         """After a lost worker: count it, restore the last checkpoint everywhere, return its step."""
@@ -195,8 +206,8 @@ class Loop:
         summary = run_summary(config, executor.name, wall, executed, totals)  # redone steps count: they took time
         summary |= self.recovering("report", executor.report)
         summary |= self.recovering("evaluation", lambda: evaluate_particles(config, executor, self.run_dir))
-        views = eval_cameras(config, 4 if config.particle == "nerf" else 1)
-        tracker.log_particles(config.steps, self.recovering("evaluation", lambda: executor.images(views)))
+        if tracker.wandb is not None:  # the views the executor wrote, from disk
+            tracker.log_particles(config.steps, load_views(self.run_dir))
         summary |= {"recoveries": self.recoveries, "startup_s": startup}
         tracker.summary(summary)
         tracker.finish()

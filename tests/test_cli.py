@@ -1,6 +1,7 @@
 from pdray.cli.main import app
 from typer.testing import CliRunner
 
+from pdray.checkpoint import checkpoint_folder
 from pdray.geometry import hashgrid
 from pdray.render import raster
 
@@ -111,13 +112,13 @@ def test_pdray_run_end_to_end_on_the_tiny_prior(tiny_model, tmp_path):
         "config.yaml",
         "metrics.jsonl",
         "summary.json",
-        "checkpoints/latest/state.json",
         "particles/00/views.png",
         "particles/01/turntable.gif",
         "eval.json",
         "report.html",
     ):
         assert (out / name).exists(), name
+    assert (checkpoint_folder(out) / "manifest.json").is_file()
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "already holds a run" in again.output
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from pdray.checkpoint import load_checkpoint
+from pdray.checkpoint import checkpoint_folder, load_checkpoint
 from pdray.config import load_config, save_config
 
 # End-to-end runs on a local cluster: about 2 minutes on an idle 2-core machine.
@@ -67,13 +67,18 @@ def test_two_particles_on_two_actors_fill_the_run_folder_and_resume(reference, t
         "config.yaml",
         "metrics.jsonl",
         "summary.json",
-        "checkpoints/latest/particles.safetensors",
-        "checkpoints/latest/lora.safetensors",
-        "checkpoints/latest/state.json",
         "particles/00/views.png",
         "particles/01/turntable.gif",
     ):
         assert (run_dir / name).exists(), name
+    folder = checkpoint_folder(run_dir)  # one shard per particle actor, written by the actor, and the manifest last
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["particles"] == {"particles-0000.safetensors": [0], "particles-0001.safetensors": [1]}
+    assert manifest["lora"] == "lora.safetensors" and manifest["step"] == STEPS
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*manifest["particles"], "lora.safetensors", "manifest.json"]
+    )
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [folder.name]  # older checkpoints deleted
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert [m["step"] for m in logged(run_dir)] == list(range(1, STEPS + 1))
 

@@ -22,6 +22,7 @@ import yaml
 from pdray.cli.main import app
 from typer.testing import CliRunner
 
+from pdray.checkpoint import checkpoint_folder
 from pdray.cluster import submit
 from pdray.config import load_config
 
@@ -233,12 +234,11 @@ def test_a_submitted_run_succeeds_and_fills_the_run_folder(token_head, tmp_path)
         "config.yaml",
         "summary.json",
         "metrics.jsonl",
-        "checkpoints/latest/state.json",
-        "checkpoints/latest/particles.safetensors",
         "particles/00/views.png",
         "particles/01/views.png",
     ):
         assert (out / name).exists(), name
+    assert (checkpoint_folder(out) / "manifest.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps_done"] == 4 and summary["particles"] == 2 and summary["executor"] == "ray"
     assert summary["placement"]["nodes"]["score"]["node_id"]

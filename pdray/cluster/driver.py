@@ -1,5 +1,6 @@
 """The Ray executor: wiring only. Each step, ObjectRefs flow from the particle actors into the ScoreActor and
-back; the driver fetches small stats dicts, never a tensor (checkpoints and final views excepted).
+back; the driver fetches small stats dicts, never a tensor: the actors write their own checkpoint shards and
+evaluation views into the run folder.
 
     refs   = [actor.render(step)]                        # RenderOut refs, one per actor
     grads  = score.grads(step, None, *refs)  (num_returns=A+1)  # one gradient ref per actor, plus stats
@@ -27,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -192,33 +192,29 @@ class RayExecutor:
             updates.append([score.lora_apply.remote(r, *sums, *counts) for score in self.scores])
         return lambda: check_one_lora(step, [ray.get(refs) for refs in updates])
 
-    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        particles: dict = {}
-        for part in ray.get([a.state_tensors.remote() for a in self.actors]):
-            particles.update(part)
-        lora = ray.get(self.scores[0].state_tensors.remote())  # the replicas hold one LoRA (checked every update)
-        return {"particles": particles, **({"lora": lora} if lora else {})}
+    def write_checkpoint(self, folder: Path) -> tuple[dict[str, list[int]], str | None]:
+        """Every particle actor writes its own shard and replica 0 the LoRA (the replicas hold one LoRA, checked every
+        update), in parallel; the driver receives file names only."""
+        shards = [a.write_shard.remote(str(folder)) for a in self.actors]
+        lora = self.scores[0].write_lora.remote(str(folder))
+        written: dict[str, list[int]] = {}
+        for part in ray.get(shards):
+            written.update(part)
+        return written, ray.get(lora)
 
-    def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]], timeout: float = 1800.0) -> None:
-        """Load a checkpoint into every actor (restarted ones included); its one LoRA goes to every replica.
+    def load_checkpoint(self, folder: Path, manifest: dict[str, Any], timeout: float = 1800.0) -> None:
+        """Every actor (restarted ones included) reads its own particles from the checkpoint's shards, every replica
+        the one LoRA.
 
         The loads are retried by Ray until a restarting actor is back (its __init__ re-imports torch and
         reloads the prior: seconds on a GPU node, minutes on a busy small CPU); an actor out of restarts
         raises ActorDiedError at once."""
-        calls = []
-        for actor, ids in zip(self.actors, self.placement.actors, strict=True):
-            prefixes = tuple(f"{pid:04d}." for pid in ids)
-            mine = {k: v for k, v in tensors["particles"].items() if k.startswith(prefixes)}
-            calls.append(actor.load_state_tensors.options(max_task_retries=-1).remote(mine))
-        lora = ray.put(tensors.get("lora", {}))
-        calls += [score.load_state_tensors.options(max_task_retries=-1).remote(lora) for score in self.scores]
+        calls = [a.load_shard.options(max_task_retries=-1).remote(str(folder), manifest) for a in self.actors]
+        calls += [s.load_lora.options(max_task_retries=-1).remote(str(folder), manifest) for s in self.scores]
         ray.get(calls, timeout=timeout)
 
-    def images(self, cameras: Cameras) -> dict[int, torch.Tensor]:
-        out: dict = {}
-        for part in ray.get([a.images.remote(cameras) for a in self.actors]):
-            out.update(part)
-        return dict(sorted(out.items()))
+    def write_views(self, run_dir: Path, views: Cameras, turntable: Cameras | None) -> None:
+        ray.get([a.write_views.remote(str(run_dir.resolve()), views, turntable) for a in self.actors])
 
     def report(self) -> dict[str, Any]:
         memory = ray.get([a.memory.remote() for a in [*self.scores, *self.actors]])

@@ -1,16 +1,20 @@
 """ParticleActor: owns k particles, their optimisers and a VAE encoder replica; renders and applies gradients.
 
-It sends latents (not images) and backpropagates through its own encoder and renderer. A restarted actor
+It sends latents (not images) and backpropagates through its own encoder and renderer; it writes its own
+checkpoint shard and evaluation views into the (shared) run folder. A restarted actor
 re-runs __init__ with fresh particles and raises LostStateError until the driver restores the last checkpoint
 into it, so a process lost between two calls can never hand back untrained particles.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ray
 import torch
 
 from pdray.cameras import Cameras
+from pdray.checkpoint import read_particles, write_particle_shard
 from pdray.cluster.lifecycle import ActorBase
 from pdray.config import RunConfig
 from pdray.particle import ParticleGroup
@@ -35,14 +39,16 @@ class ParticleActor(ActorBase):
         self.check()
         return self.group.apply(step, grads)
 
-    def images(self, cameras: Cameras) -> dict[int, torch.Tensor]:
+    def write_views(self, run_dir: str, views: Cameras, turntable: Cameras | None) -> None:
         self.check()
-        return self.group.images(cameras)
+        self.group.write_views(Path(run_dir), views, turntable)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    def write_shard(self, folder: str) -> dict[str, list[int]]:
+        """This actor's particles into the checkpoint folder (its own shard); -> {file name: particle ids}."""
         self.check()
-        return self.group.state_tensors()
+        return write_particle_shard(Path(folder), self.group.particle_ids, self.group.state_tensors())
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.group.load_state_tensors(tensors)
+    def load_shard(self, folder: str, manifest: dict) -> None:
+        """This actor's particles from a checkpoint, read from whichever shards hold them."""
+        self.group.load_state_tensors(read_particles(Path(folder), manifest, self.group.particle_ids))
         self.restored()

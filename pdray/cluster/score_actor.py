@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
 from pdray.allreduce import cut, join, sum_in_order
+from pdray.checkpoint import read_lora, write_lora_shard
 from pdray.cluster.lifecycle import ActorBase
 from pdray.config import RunConfig
 from pdray.priors.diffusion import load_prior
@@ -89,10 +91,11 @@ class ScoreActor(ActorBase):
             "time/lora_apply": time.perf_counter() - started,
         }
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    def write_lora(self, folder: str) -> str | None:
+        """The LoRA into the checkpoint folder (one replica writes it: all hold one LoRA); None without a LoRA."""
         self.check()
-        return self.score.state_tensors()
+        return write_lora_shard(Path(folder), self.score.state_tensors())
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.score.load_state_tensors(tensors)
+    def load_lora(self, folder: str, manifest: dict) -> None:
+        self.score.load_state_tensors(read_lora(Path(folder), manifest))
         self.restored()
