@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from pdray.types import CameraMoments
+
 
 def t_bounds(step: int, start: tuple[float, float], end: tuple[float, float], at_step: int) -> tuple[float, float]:
     """The [low, high] fraction of the diffusion time range sampled at ``step`` (a hard switch at at_step)."""
@@ -101,17 +103,61 @@ def coarse(latents: torch.Tensor, resolution: int | None) -> torch.Tensor:
     return torch.nn.functional.interpolate(pooled, size=(h, w), mode="nearest")
 
 
+def camera_moments(latents: torch.Tensor, keys: torch.Tensor) -> CameraMoments:
+    """The per-camera sums of latents [B, C, h, w] whose cameras are the rows of keys [B, D] (float64 sums)."""
+    unique, index = torch.unique(keys.float(), dim=0, return_inverse=True)
+    z = latents.double()
+    total = torch.zeros(unique.shape[0], *z.shape[1:], dtype=torch.float64, device=z.device)
+    total_sq = torch.zeros_like(total)
+    total.index_add_(0, index, z)
+    total_sq.index_add_(0, index, z * z)
+    count = torch.bincount(index, minlength=unique.shape[0])
+    return CameraMoments(unique, total, total_sq, count)
+
+
+def add_moments(*parts: CameraMoments) -> CameraMoments:
+    """The moments of every part's latents together (parts added in the order given, cameras matched by key)."""
+    keys = torch.cat([p.keys for p in parts])
+    unique, index = torch.unique(keys, dim=0, return_inverse=True)
+    first = parts[0]
+    total = torch.zeros(unique.shape[0], *first.total.shape[1:], dtype=torch.float64, device=first.total.device)
+    total_sq, count = torch.zeros_like(total), torch.zeros(unique.shape[0], dtype=torch.int64)
+    offset = 0
+    for part in parts:
+        rows = index[offset : offset + part.keys.shape[0]]
+        offset += part.keys.shape[0]
+        total.index_add_(0, rows.to(total.device), part.total.to(total.device))
+        total_sq.index_add_(0, rows.to(total.device), part.total_sq.to(total.device))
+        count.index_add_(0, rows.cpu(), part.count.cpu())
+    return CameraMoments(unique, total, total_sq, count)
+
+
+def moments_fit(moments: CameraMoments, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian of ``gaussian_eps`` for each latent whose camera is a row of keys [B, D]: mean [B, C, h, w]
+    and per-channel variance [B, C, 1, 1] (across particles, unbiased, averaged over pixels; zero for a camera seen
+    once), float32. Every key must be among the moments' cameras."""
+    match = (keys.float()[:, None, :].to(moments.keys.device) == moments.keys[None]).all(dim=2)
+    if not bool(match.any(dim=1).all()):
+        raise ValueError("a latent's camera is not among the fitted cameras")
+    rows = match.float().argmax(dim=1)
+    n = moments.count.to(moments.total.device, torch.float64).view(-1, *[1] * (moments.total.dim() - 1))
+    mean = moments.total / n
+    variance = ((moments.total_sq - moments.total * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    variance = torch.where(n > 1, variance, torch.zeros_like(variance)).mean(dim=(2, 3), keepdim=True)
+    return mean[rows].float(), variance[rows].float()
+
+
+def render_moments(renders, resolution: int | None) -> CameraMoments:
+    """``camera_moments`` of RenderOuts' ``coarse`` latents, keyed by their cameras (c2w)."""
+    parts = [camera_moments(coarse(r.latents.float(), resolution), r.c2w.flatten(1)) for r in renders]
+    return parts[0] if len(parts) == 1 else add_moments(*parts)
+
+
 def gaussian_fit(latents: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Gaussian of ``gaussian_eps`` for each latent's group: mean [B, C, h, w] and per-channel variance
-    [B, C, 1, 1] (zero for a group of one). latents: [B, C, h, w]; groups: [B] int."""
-    z = latents.float()
-    mean, variance = torch.empty_like(z), torch.zeros(z.shape[0], z.shape[1], 1, 1, device=z.device)
-    for group in groups.unique():
-        members = groups == group
-        mean[members] = z[members].mean(0, keepdim=True)
-        if int(members.sum()) > 1:
-            variance[members] = z[members].var(0, keepdim=True).mean(dim=(2, 3), keepdim=True)
-    return mean, variance
+    """``moments_fit`` of the latents' own moments: for each latent of latents [B, C, h, w], the Gaussian of its
+    group (groups: [B] int)."""
+    keys = groups.view(-1, 1)
+    return moments_fit(camera_moments(latents, keys), keys)
 
 
 def gaussian_push(

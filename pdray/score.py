@@ -1,15 +1,14 @@
 """The score estimator: the pretrained prior plus VSD's score of the particles, batched over every particle's latents.
 
 ``grads(step, renders)`` returns one gradient tensor per RenderOut (SDS or VSD). VSD's particle score is a
-Gaussian fitted to all particles' latents at each shared camera (``particle_score: gaussian``, which is why every
-render of a step comes here together), or the CameraLoRA (``lora``), which ``lora_update(step, renders)`` fits to
-the same detached latents with fresh t and noise. A Ray ScoreActor wraps this class; the local executor calls it
-directly.
+Gaussian fitted to all particles' latents at each shared camera (``particle_score: gaussian``: from per-camera
+moments that every particle actor sums over its own particles and that add up across actors and replicas), or the
+CameraLoRA (``lora``), which ``lora_update(step, renders)`` fits to the same detached latents with fresh t and
+noise. A Ray ScoreActor wraps this class; the local executor calls it directly.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Sequence
 
@@ -17,12 +16,21 @@ import torch
 
 from pdray.checkpoint import load_optimizer_tensors, optimizer_tensors
 from pdray.config import RunConfig
-from pdray.distill import coarse, gaussian_fit, gaussian_push, sample_timesteps, sds_grad, t_bounds, vsd_grad
+from pdray.distill import (
+    coarse,
+    gaussian_push,
+    moments_fit,
+    render_moments,
+    sample_timesteps,
+    sds_grad,
+    t_bounds,
+    vsd_grad,
+)
 from pdray.priors.diffusion import DiffusionPrior
 from pdray.priors.lora import CameraLoRA, LoraDraw
 from pdray.prompts import view_prompt
 from pdray.rng import SHARED, Purpose, Stage, seed_of, stream
-from pdray.types import LoraGrads, RenderOut
+from pdray.types import CameraMoments, LoraGrads, RenderOut
 
 
 def particle_runs(owners: list[int]) -> list[tuple[int, slice]]:
@@ -87,24 +95,23 @@ class ScoreEstimator:
             start = end
         return out
 
+    def moments(self, *renders: RenderOut) -> CameraMoments:
+        """The per-camera moments of the renders' coarse latents that the Gaussian particle score is fitted from."""
+        return render_moments(renders, self.config.gaussian_resolution)
+
     @torch.no_grad()
     def grads(
-        self, step: int, *renders: RenderOut, serve: Sequence[int] | None = None
+        self, step: int, *renders: RenderOut, moments: CameraMoments | None = None
     ) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """One gradient [V_i, C, h, w] per served RenderOut (``serve``: indices into ``renders``; default all),
-        computed in UNet calls of at most score_batch_size latents of one render. The renders not served only enter
-        the Gaussian fit, so a particle's gradient is the same whichever replica scores it."""
+        """One gradient [V_i, C, h, w] per RenderOut, computed in UNet calls of at most score_batch_size latents of
+        one render. The Gaussian particle score is fitted from ``moments``, the per-camera sums over every particle
+        (added up across the particle actors and score replicas; default: these renders'), so a particle's gradient
+        is the same whichever replica scores it and no replica needs another's latents."""
         started = time.perf_counter()
-        serve = list(range(len(renders))) if serve is None else list(serve)
+        z, c2w, labels, runs = self._gather(renders)
         if self.config.fits_all_particles:  # one Gaussian per shared camera, fitted to every particle's latents
-            z_all, c2w_all, _, _ = self._gather(renders)
-            cameras = torch.unique(c2w_all.flatten(1), dim=0, return_inverse=True)[1]
-            fit_mean, fit_variance = gaussian_fit(coarse(z_all, self.config.gaussian_resolution), cameras)
-            offsets = [0, *itertools.accumulate(r.latents.shape[0] for r in renders)]
-            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in serve]).to(z_all.device)
-            fit_mean, fit_variance = fit_mean[rows], fit_variance[rows]
-        served = tuple(renders[i] for i in serve)
-        z, c2w, labels, runs = self._gather(served)
+            fit = moments if moments is not None else self.moments(*renders)
+            fit_mean, fit_variance = (t.to(z.device) for t in moments_fit(fit, c2w.flatten(1)))
         n = z.shape[0]
         bounds = t_bounds(step, self.config.t_range.start, self.config.t_range.end, self.config.t_range.at_step)
         t, noise = self._score_draws(step, z, runs, bounds)
@@ -116,7 +123,7 @@ class ScoreEstimator:
             z_coarse = coarse(z, self.config.gaussian_resolution)
             eps_particles = gaussian_push(noise, a, z_coarse, fit_mean, fit_variance, self.config.gaussian_repulsion)
         out, lora_time = [], 0.0
-        for sl in self._chunks(served):
+        for sl in self._chunks(renders):
             eps_pre = self.prior.predict_eps(x_t[sl], t[sl], cond[sl], uncond[sl], self.config.cfg)
             if self.config.guidance == "sds":
                 out.append(sds_grad(eps_pre, noise[sl], a[sl]))
@@ -128,7 +135,7 @@ class ScoreEstimator:
                 lora_time += time.perf_counter() - lora_started
                 out.append(vsd_grad(eps_pre, eps_lora, a[sl]))
         grad = torch.cat(out).cpu()
-        sizes = [r.latents.shape[0] for r in served]
+        sizes = [r.latents.shape[0] for r in renders]
         stats = {
             "t_min": float(t.min()),
             "t_max": float(t.max()),

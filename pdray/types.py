@@ -35,3 +35,15 @@ class LoraGrads:
     grad: torch.Tensor
     loss_sum: float
     count: int
+
+
+@dataclass
+class CameraMoments:
+    """Sums over particles of the (coarse) latents rendered from each camera: what VSD's Gaussian particle score is
+    fitted from. Sums add across particle actors and score replicas (``pdray.distill.add_moments``), so the fit
+    needs no particle's latents but its own, and its size does not grow with the number of particles."""
+
+    keys: torch.Tensor  # [K, D] float32, one row per camera (its c2w flattened), unique, sorted
+    total: torch.Tensor  # [K, C, h, w] float64: the sum of the latents from that camera
+    total_sq: torch.Tensor  # [K, C, h, w] float64: the sum of their squares
+    count: torch.Tensor  # [K] int64: how many latents

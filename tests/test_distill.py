@@ -115,3 +115,37 @@ def test_coarse_is_an_orthogonal_projection_and_the_coarse_gaussian_pushes_block
     assert torch.allclose(per_channel, per_channel[..., :1, :1].expand_as(per_channel))
     torch.testing.assert_close(gaussian_eps(noise, a, z, groups, resolution=8), gaussian_eps(noise, a, z, groups))
     assert coarse(z, None) is z
+
+
+def two_pass_fit(z: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian fit as pdray computed it from the latents themselves before it moved to moments."""
+    mean, variance = torch.empty_like(z), torch.zeros(z.shape[0], z.shape[1], 1, 1)
+    for group in groups.unique():
+        members = groups == group
+        mean[members] = z[members].mean(0, keepdim=True)
+        if int(members.sum()) > 1:
+            variance[members] = z[members].var(0, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    return mean, variance
+
+
+def test_the_fit_from_moments_summed_over_actors_equals_the_fit_from_every_latent():
+    from pdray.distill import add_moments, camera_moments, gaussian_fit, moments_fit
+
+    g = torch.Generator().manual_seed(3)
+    z = 0.7 + torch.randn(12, 4, 8, 8, generator=g)  # 3 cameras x 4 particles, an offset the sums must survive
+    keys = torch.randn(3, 16, generator=g)[torch.tensor([0, 1, 2] * 4)]  # c2w rows, camera-major per particle
+    mean, variance = two_pass_fit(z, torch.tensor([0, 1, 2] * 4))
+    # Three particle actors (particles 0, 1-2, 3), each summing its own latents; two replicas adding their actors'.
+    actors = [camera_moments(z[sl], keys[sl]) for sl in (slice(0, 3), slice(3, 9), slice(9, 12))]
+    whole = add_moments(*actors)
+    by_replica = add_moments(add_moments(actors[0]), add_moments(actors[1], actors[2]))
+    assert whole.count.tolist() == [4, 4, 4] and whole.total.shape == (3, 4, 8, 8)  # no particle dimension
+    for moments in (whole, by_replica, camera_moments(z, keys)):
+        fit_mean, fit_variance = moments_fit(moments, keys)
+        torch.testing.assert_close(fit_mean, mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fit_variance, variance, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gaussian_fit(z, torch.tensor([0, 1, 2] * 4))[1], variance, rtol=1e-6, atol=1e-7)
+    alone_mean, alone_variance = moments_fit(camera_moments(z[:3], keys[:3]), keys[:3])  # one particle
+    assert torch.equal(alone_variance, torch.zeros(3, 4, 1, 1)) and torch.allclose(alone_mean, z[:3])
+    with pytest.raises(ValueError, match="not among the fitted cameras"):
+        moments_fit(whole, torch.randn(1, 16))

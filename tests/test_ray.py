@@ -184,6 +184,34 @@ def test_two_score_replicas_keep_one_lora_and_resume_to_the_one_replica_run(refe
     assert len(digests) == STEPS and len(set(digests)) == STEPS, "a digest per step, and the LoRA moves every step"
 
 
+def test_the_gaussian_score_on_two_replicas_of_two_actors_each_equals_one_replica(tiny_model, tmp_path):
+    """R=2 with two particle actors per replica: each actor sends its per-camera moments, each replica sums its own
+    actors' and receives the other's sum; stopped halfway and resumed from four shards, it ends where R=1 ends."""
+    from pdray.cluster.driver import run_ray
+
+    def gaussian(replicas: int, steps: int):
+        return ray_config(
+            tiny_model,
+            "particle_score=gaussian",
+            "particles=4",
+            "ray.actors=4",
+            f"ray.score_replicas={replicas}",
+            f"steps={steps}",
+            "wandb=off",
+        )
+
+    one = run_ray(gaussian(1, 4), tmp_path / "one")
+    two = run_ray(gaussian(2, 2), tmp_path / "two")
+    assert two["placement"]["replicas"] == [[0, 1], [2, 3]] and one["placement"]["replicas"] == [[0, 1, 2, 3]]
+    save_config(gaussian(2, 4), tmp_path / "two" / "config.yaml")
+    run_ray(load_config(str(tmp_path / "two" / "config.yaml")), tmp_path / "two", resume=True)
+    manifest = json.loads((checkpoint_folder(tmp_path / "two") / "manifest.json").read_text())
+    assert manifest["particles"] == {f"particles-{i:04d}.safetensors": [i] for i in range(4)}
+    assert manifest["lora"] is None and manifest["step"] == 4
+    # The moments are float64 sums, grouped differently by one and two replicas: equal to float32 rounding.
+    assert_same_checkpoint(tmp_path / "two", tmp_path / "one", atol=1e-6)
+
+
 def test_the_local_and_the_ray_executor_run_one_loop_to_the_same_particles(reference, tmp_path):
     from pdray.local_executor import run_local
 

@@ -11,6 +11,7 @@ import torch
 
 from pdray.allreduce import cut, join, sum_in_order
 from pdray.config import load_config
+from pdray.distill import add_moments
 from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import load_prior
 from pdray.score import ScoreEstimator
@@ -47,8 +48,9 @@ def test_two_replicas_give_one_replica_s_gradients_and_lora_bit_for_bit(tiny_mod
     for step in range(3):
         renders = [g.render(step)[0] for g in groups]
         expected, _ = one.grads(step, *renders)
-        if score == "gaussian":  # each replica sees every render (for the fit) and scores its own
-            got = [replicas[r].grads(step, *renders, serve=[r])[0][0] for r in range(2)]
+        if score == "gaussian":  # each replica scores its own render, fitted from both actors' moments
+            moments = add_moments(*(replicas[r].moments(renders[r]) for r in range(2)))
+            got = [replicas[r].grads(step, renders[r], moments=moments)[0][0] for r in range(2)]
         else:
             got = [replicas[r].grads(step, renders[r])[0][0] for r in range(2)]
         for e, g in zip(expected, got, strict=True):

@@ -2,13 +2,14 @@
 back; the driver fetches small stats dicts, never a tensor: the actors write their own checkpoint shards and
 evaluation views into the run folder.
 
-    refs   = [actor.render(step)]                        # RenderOut refs, one per actor
+    refs   = [actor.render(step)]                        # RenderOut (and moment) refs, one per actor
     grads  = score.grads(step, None, *refs)  (num_returns=A+1)  # one gradient ref per actor, plus stats
     lora   = score.lora_update(step, *refs)              # overlaps the particles' backward pass
     [actor.apply(step, grads[i])]                        # backward + optimiser step
 
-With R ScoreActor replicas (``ray.score_replicas``) replica r scores the actors it serves (with the Gaussian
-particle score it is sent every render, as the fit needs them all), and each LoRA step is an all-reduce of
+With R ScoreActor replicas (``ray.score_replicas``) replica r scores the actors it serves (the Gaussian particle
+score is fitted from per-camera moments: each actor sums its own particles', each replica its actors', and every
+replica adds the R sums; no render leaves its group), and each LoRA step is an all-reduce of
 ObjectRefs (``lora_grads`` cut in R pieces -> ``lora_reduce`` of piece j on replica j -> ``lora_apply`` of the R
 sums on every replica): all apply the same summed gradient, so they keep one LoRA, and the driver compares their
 digests after every update.
@@ -147,18 +148,18 @@ class RayExecutor:
     def step(self, step: int) -> dict[str, float]:
         outs = [a.render.remote(step) for a in self.actors]
         renders = [o[0] for o in outs]
+        fits = self.fit_moments([o[1] for o in outs]) if self.config.fits_all_particles else []
         grads: list = [None] * len(self.actors)
         score_stats = []
         for score, served in zip(self.scores, self.placement.replicas, strict=True):
-            # The Gaussian particle score fits every particle, so each replica sees every render and scores its own.
-            args = (served, *renders) if self.config.fits_all_particles else (None, *(renders[i] for i in served))
+            args = (len(fits), *fits, *(renders[i] for i in served))  # a replica receives its own renders only
             *mine, stats = score.grads.options(num_returns=len(served) + 1).remote(step, *args)
             for i, ref in zip(served, mine, strict=True):
                 grads[i] = ref
             score_stats.append(stats)
         lora = self.lora_update(step, renders)  # overlaps the particles' backward pass
         applies = [a.apply.remote(step, g) for a, g in zip(self.actors, grads, strict=True)]
-        results = ray.get([*score_stats, *applies, *(o[1] for o in outs)])
+        results = ray.get([*score_stats, *applies, *(o[2] for o in outs)])
         stats = combine_score_stats(results[: len(self.scores)], [len(p) for p in self.placement.replica_particles()])
         stats |= lora()
         per_actor = results[len(self.scores) :]  # apply stats, then render stats, of every actor
@@ -168,6 +169,17 @@ class RayExecutor:
                 stats[key] = max(values)  # actors run in parallel: the slowest one sets the pace
         stats["nonfinite_dropped"] = sum(r.get("nonfinite_dropped", 0) for r in per_actor)
         return stats
+
+    def fit_moments(self, moments: list) -> list:
+        """The refs of the per-camera moments every replica fits the Gaussian particle score from: with one replica
+        the particle actors' own; with R, each replica's sum over its actors (``ScoreActor.add_moments``, on its
+        node), so a replica receives R moment sets, whatever the number of particles."""
+        if len(self.scores) == 1:
+            return moments
+        return [
+            score.add_moments.remote(*(moments[i] for i in served))
+            for score, served in zip(self.scores, self.placement.replicas, strict=True)
+        ]
 
     def lora_update(self, step: int, renders: list) -> Callable[[], dict[str, float]]:
         """Submit this step's LoRA update; returns the function that waits for it and gives its stats.

@@ -17,9 +17,10 @@ from pdray.cameras import Cameras
 from pdray.checkpoint import read_particles, write_particle_shard
 from pdray.cluster.lifecycle import ActorBase
 from pdray.config import RunConfig
+from pdray.distill import render_moments
 from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import load_prior
-from pdray.types import RenderOut
+from pdray.types import CameraMoments, RenderOut
 
 
 @ray.remote
@@ -30,10 +31,13 @@ class ParticleActor(ActorBase):
         prior = load_prior(self.config.prior, vae_only=True)
         self.group = ParticleGroup(self.config, particle_ids, prior)
 
-    @ray.method(num_returns=2)
-    def render(self, step: int) -> tuple[RenderOut, dict[str, float]]:
+    @ray.method(num_returns=3)
+    def render(self, step: int) -> tuple[RenderOut, CameraMoments | None, dict[str, float]]:
+        """The latents, their per-camera moments (for the Gaussian particle score; None otherwise) and stats."""
         self.check()
-        return self.group.render(step)
+        render, stats = self.group.render(step)
+        fits = self.config.fits_all_particles
+        return render, render_moments([render], self.config.gaussian_resolution) if fits else None, stats
 
     def apply(self, step: int, grads: torch.Tensor) -> dict[str, float]:
         self.check()

@@ -1,7 +1,8 @@
 """ScoreActor: the pretrained prior and the particle score (Gaussian fit or CameraLoRA) for a shard of the particle
 actors (all of them with one replica).
 
-``grads`` takes the particle actors' RenderOut refs as top-level arguments (Ray resolves them store to
+``grads`` takes the particle actors' RenderOut refs (and, for the Gaussian particle score, the per-camera moments
+it is fitted from) as top-level arguments (Ray resolves them store to
 store; the driver never fetches a tensor) and returns one gradient per served actor plus stats, split with
 num_returns. With one replica, ``lora_update`` runs while the particle actors backpropagate. With R replicas,
 each LoRA step is an all-reduce through the object store (``pdray.allreduce``): ``lora_grads`` on every replica
@@ -26,9 +27,10 @@ from pdray.allreduce import cut, join, sum_in_order
 from pdray.checkpoint import read_lora, write_lora_shard
 from pdray.cluster.lifecycle import ActorBase
 from pdray.config import RunConfig
+from pdray.distill import add_moments
 from pdray.priors.diffusion import load_prior
 from pdray.score import ScoreEstimator
-from pdray.types import RenderOut
+from pdray.types import CameraMoments, RenderOut
 
 
 def to_wire(tensor: torch.Tensor) -> np.ndarray:
@@ -52,12 +54,20 @@ class ScoreActor(ActorBase):
         self.config = RunConfig.model_validate(config)
         self.score = ScoreEstimator(self.config, load_prior(self.config.prior))
 
-    def grads(self, step: int, serve: list[int] | None, *renders: RenderOut):
-        """(grad for each served render, ..., stats); call with .options(num_returns=len(served) + 1).
-        ``serve`` indexes ``renders`` (None: all); the others only enter the Gaussian fit."""
+    def grads(self, step: int, fits: int, *moments_and_renders):
+        """(grad for each render, ..., stats); call with .options(num_returns=len(renders) + 1). The first ``fits``
+        arguments are CameraMoments (the particle actors', or the replicas' sums) that the Gaussian particle score
+        is fitted from, added in order; the rest are this replica's renders."""
         self.check()
-        grads, stats = self.score.grads(step, *renders, serve=serve)
+        moments = add_moments(*moments_and_renders[:fits]) if fits else None
+        grads, stats = self.score.grads(step, *moments_and_renders[fits:], moments=moments)
         return (*grads, stats)
+
+    def add_moments(self, *moments: CameraMoments) -> CameraMoments:
+        """The sum of this replica's particle actors' moments, which every replica then receives (the local sum
+        before the exchange: what crosses nodes is one moment set per replica, whatever the particle count)."""
+        self.check()
+        return add_moments(*moments)
 
     def lora_update(self, step: int, *renders: RenderOut) -> dict[str, float]:
         self.check()
