@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdray.allreduce import cut, join, sum_in_order
+from pdray.allreduce import cut, join, local_sum, sum_in_order
 from pdray.config import load_config
 from pdray.distill import add_moments
 from pdray.particle import ParticleGroup
@@ -59,8 +59,8 @@ def test_two_replicas_give_one_replica_s_gradients_and_lora_bit_for_bit(tiny_mod
             continue
         one.lora_update(step, *renders)
         for k in range(cfg.lora.steps_per_update):  # the all-reduce the Ray layer wires: cut, reduce, join, apply
-            cuts = [cut(replicas[r].lora_grads(step, k, renders[r]), 2) for r in range(2)]
-            sums = [sum_in_order([piece for pieces in cuts for piece in pieces[j]]) for j in range(2)]
+            cuts = [cut(local_sum(replicas[r].lora_grads(step, k, renders[r])).grad, 2) for r in range(2)]
+            sums = [sum_in_order([pieces[j] for pieces in cuts]) for j in range(2)]
             shares = [replicas[r].lora_grads(step, k, renders[r])[0] for r in range(2)]
             loss_sum, count = sum(s.loss_sum for s in shares), sum(s.count for s in shares)
             losses = {replica.lora_apply_summed(join(sums), loss_sum, count) for replica in replicas}
@@ -88,16 +88,24 @@ def test_lora_shares_average_over_every_latent(tiny_model):
         ScoreEstimator(config(tiny_model), load_prior(cfg.prior)).lora_grads(0, 0, *renders)
 
 
-def test_a_sum_cut_in_pieces_and_joined_is_the_whole_sum_bit_for_bit():
+def test_local_sums_cut_in_pieces_and_joined_are_the_whole_sum():
     from pdray.types import LoraGrads
 
     generator = torch.Generator().manual_seed(0)
-    shares = [LoraGrads(torch.randn(1001, generator=generator) * 10 ** (i - 2), 0.0, 1) for i in range(5)]
+    shares = [LoraGrads(torch.randn(1001, generator=generator) * 10 ** (i - 2), 1.0, i) for i in range(5)]
     whole = sum_in_order([s.grad for s in shares])
     for parts in (1, 2, 3, 7):
-        pieces = cut(shares, parts)
-        assert len(pieces) == parts and all(len(p) == 5 for p in pieces)
-        assert torch.equal(join([sum_in_order(p) for p in pieces]), whole)
+        pieces = cut(whole, parts)
+        assert len(pieces) == parts and torch.equal(join(pieces), whole)
+    # One actor per replica: the exchange's sum is the one-replica sum bit for bit.
+    singles = [cut(local_sum([s]).grad, 3) for s in shares]
+    assert torch.equal(join([sum_in_order([p[j] for p in singles]) for j in range(3)]), whole)
+    # Two replicas serving actors [0, 1, 2] and [3, 4]: each sums its own first (what crosses is one gradient per
+    # replica); the grouping changes float32 rounding only, and every replica joins the same sum.
+    groups = [local_sum(shares[:3]), local_sum(shares[3:])]
+    assert groups[0].count == 3 and groups[1].count == 7 and groups[1].loss_sum == 2.0
+    grouped = join([sum_in_order([cut(g.grad, 2)[j] for g in groups]) for j in range(2)])
+    torch.testing.assert_close(grouped, whole, rtol=1e-6, atol=1e-6)
     assert not torch.equal(sum_in_order([s.grad for s in reversed(shares)]), whole), "the order must matter here"
 
 

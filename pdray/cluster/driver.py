@@ -9,10 +9,10 @@ evaluation views into the run folder.
 
 With R ScoreActor replicas (``ray.score_replicas``) replica r scores the actors it serves (the Gaussian particle
 score is fitted from per-camera moments: each actor sums its own particles', each replica its actors', and every
-replica adds the R sums; no render leaves its group), and each LoRA step is an all-reduce of
-ObjectRefs (``lora_grads`` cut in R pieces -> ``lora_reduce`` of piece j on replica j -> ``lora_apply`` of the R
-sums on every replica): all apply the same summed gradient, so they keep one LoRA, and the driver compares their
-digests after every update.
+replica adds the R sums; no render leaves its group), and each LoRA step is an all-reduce of ObjectRefs
+(``lora_grads`` summed per replica and cut in R pieces -> ``lora_reduce`` of piece j on replica j -> ``lora_apply``
+of the R sums on every replica): all apply the same summed gradient, so they keep one LoRA, and the driver compares
+their digests after every update.
 
 The run loop (``pdray.run_loop``) is shared with the local executor. A dead actor is restarted by Ray
 (``ray.max_restarts``) and raises one of ``LOST``; the loop then restores every actor and the LoRA from the last
@@ -185,9 +185,10 @@ class RayExecutor:
         """Submit this step's LoRA update; returns the function that waits for it and gives its stats.
 
         One replica fits the LoRA on every render in one call. R replicas run each LoRA step as an all-reduce
-        through the object store (``pdray.allreduce``): R ``lora_grads`` (each on its shard, cut in R pieces), R
-        ``lora_reduce`` (replica j sums piece j of all) and R ``lora_apply`` (each joins the R sums and steps), so each
-        replica fetches about 2 (R - 1) / R of the LoRA's size per step, as in a ring all-reduce."""
+        through the object store (``pdray.allreduce``): R ``lora_grads`` (each summing its actors' shares, cut in R
+        pieces), R ``lora_reduce`` (replica j sums piece j of all) and R ``lora_apply`` (each joins the R sums and
+        steps), so each replica fetches 2 (R - 1) / R of the LoRA's size per step, as in a ring all-reduce, whatever
+        the number of actors it serves."""
         if len(self.scores) == 1:
             ref = self.scores[0].lora_update.remote(step, *renders)
             return lambda: ray.get(ref)

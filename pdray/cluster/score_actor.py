@@ -2,14 +2,14 @@
 actors (all of them with one replica).
 
 ``grads`` takes the particle actors' RenderOut refs (and, for the Gaussian particle score, the per-camera moments
-it is fitted from) as top-level arguments (Ray resolves them store to
-store; the driver never fetches a tensor) and returns one gradient per served actor plus stats, split with
-num_returns. With one replica, ``lora_update`` runs while the particle actors backpropagate. With R replicas,
-each LoRA step is an all-reduce through the object store (``pdray.allreduce``): ``lora_grads`` on every replica
-(its actors' gradient shares, cut into R pieces), ``lora_reduce`` on replica j (piece j of every replica, summed),
-then ``lora_apply`` on every replica with the R sums: all step their AdamW with the same gradient, so they hold one
-LoRA, and return its digest for the driver to compare. One single-threaded actor runs calls in submission order,
-so a step's LoRA calls always follow its grads and precede the next step's.
+it is fitted from) as top-level arguments (Ray resolves them store to store; the driver never fetches a tensor) and
+returns one gradient per served actor plus stats, split with num_returns. With one replica, ``lora_update`` runs
+while the particle actors backpropagate. With R replicas, each LoRA step is an all-reduce through the object store
+(``pdray.allreduce``): ``lora_grads`` on every replica (its actors' gradient shares, summed there and cut into R
+pieces), ``lora_reduce`` on replica j (piece j of every replica, summed), then ``lora_apply`` on every replica with
+the R sums: all step their AdamW with the same gradient, so they hold one LoRA, and return its digest for the
+driver to compare. One single-threaded actor runs calls in submission order, so a step's LoRA calls always follow
+its grads and precede the next step's.
 A restarted ScoreActor raises LostStateError until the driver restores the LoRA from the last checkpoint.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import ray
 import torch
 
-from pdray.allreduce import cut, join, sum_in_order
+from pdray.allreduce import cut, join, local_sum, sum_in_order
 from pdray.checkpoint import read_lora, write_lora_shard
 from pdray.cluster.lifecycle import ActorBase
 from pdray.config import RunConfig
@@ -74,25 +74,24 @@ class ScoreActor(ActorBase):
         return self.score.lora_update(step, *renders)
 
     def lora_grads(self, step: int, k: int, parts: int, *renders: RenderOut):
-        """LoRA step k of ``step`` on the served actors' renders, cut for R = ``parts`` replicas: (piece 0, ...,
-        piece R-1, [(loss_sum, count)] per served actor); call with .options(num_returns=R + 1). Piece j (slice j
-        of every served actor's gradient share) goes to replica j's ``lora_reduce``."""
+        """LoRA step k of ``step`` on the served actors' renders, summed here (the local sum) and cut for R =
+        ``parts`` replicas: (piece 0, ..., piece R-1, (loss_sum, count)); call with .options(num_returns=R + 1).
+        Piece j goes to replica j's ``lora_reduce``."""
         self.check()
-        shares = self.score.lora_grads(step, k, *renders)
-        pieces = [[to_wire(piece) for piece in shares_piece] for shares_piece in cut(shares, parts)]
-        return (*pieces, [(share.loss_sum, share.count) for share in shares])
+        mine = local_sum(self.score.lora_grads(step, k, *renders))
+        return (*(to_wire(piece) for piece in cut(mine.grad, parts)), (mine.loss_sum, mine.count))
 
-    def lora_reduce(self, *pieces: list[np.ndarray]) -> np.ndarray:
-        """This replica's slice of the summed gradient: its piece of every replica's shares, summed in actor order."""
+    def lora_reduce(self, *pieces: np.ndarray) -> np.ndarray:
+        """This replica's slice of the summed gradient: its piece of every replica's sum, added in replica order."""
         self.check()
-        return to_wire(sum_in_order([from_wire(piece) for replica in pieces for piece in replica]))
+        return to_wire(sum_in_order([from_wire(piece) for piece in pieces]))
 
     def lora_apply(self, parts: int, *sums_and_counts) -> dict[str, float | str]:
-        """One LoRA step with the R summed slices (in order) and every replica's (loss_sum, count) list; returns
-        the loss and the LoRA's digest after the step, which the driver compares across replicas."""
+        """One LoRA step with the R summed slices (in order) and every replica's (loss_sum, count); returns the loss
+        and the LoRA's digest after the step, which the driver compares across replicas."""
         self.check()
         started = time.perf_counter()
-        sums, counts = sums_and_counts[:parts], [pair for replica in sums_and_counts[parts:] for pair in replica]
+        sums, counts = sums_and_counts[:parts], sums_and_counts[parts:]
         grad_sum = join([from_wire(piece) for piece in sums])
         loss = self.score.lora_apply_summed(grad_sum, sum(s for s, _ in counts), sum(n for _, n in counts))
         return {
