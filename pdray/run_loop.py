@@ -178,7 +178,8 @@ class Loop:
         bar = tqdm(total=config.steps, initial=step, desc=f"{config.guidance} x{config.particles}{suffix}", unit="step")
         while step < config.steps and stop.requested is None:
             try:
-                stats = executor.step(step)
+                step_started = time.perf_counter()
+                stats = {**executor.step(step), "time/step": time.perf_counter() - step_started}
                 step += 1
                 if step % config.checkpoint_every == 0 and step < config.steps:
                     self.checkpoint(step)

@@ -24,6 +24,11 @@ class RenderOut:
                 f"and {len(self.particle_ids)} owners"
             )
 
+    @property
+    def nbytes(self) -> int:
+        """The tensors' size: what a render moves between processes, besides a few labels."""
+        return self.latents.nbytes + self.c2w.nbytes
+
 
 @dataclass
 class LoraGrads:
@@ -47,3 +52,7 @@ class CameraMoments:
     total: torch.Tensor  # [K, C, h, w] float64: the sum of the latents from that camera
     total_sq: torch.Tensor  # [K, C, h, w] float64: the sum of their squares
     count: torch.Tensor  # [K] int64: how many latents
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.keys, self.total, self.total_sq, self.count))

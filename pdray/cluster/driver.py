@@ -168,6 +168,10 @@ class RayExecutor:
             if values:
                 stats[key] = max(values)  # actors run in parallel: the slowest one sets the pace
         stats["nonfinite_dropped"] = sum(r.get("nonfinite_dropped", 0) for r in per_actor)
+        # The tensors this step's calls returned (renders and moments, gradients; the LoRA exchange aside).
+        score_bytes = sum(r["bytes/grads"] for r in results[: len(self.scores)])
+        stats["bytes/step"] = sum(r.get("bytes/render", 0) for r in per_actor) + score_bytes
+        stats.pop("bytes/grads", None)
         return stats
 
     def fit_moments(self, moments: list) -> list:

@@ -37,7 +37,8 @@ class ParticleActor(ActorBase):
         self.check()
         render, stats = self.group.render(step)
         fits = self.config.fits_all_particles
-        return render, render_moments([render], self.config.gaussian_resolution) if fits else None, stats
+        moments = render_moments([render], self.config.gaussian_resolution) if fits else None
+        return render, moments, stats | {"bytes/render": render.nbytes + (moments.nbytes if moments else 0)}
 
     def apply(self, step: int, grads: torch.Tensor) -> dict[str, float]:
         self.check()

@@ -61,7 +61,7 @@ class ScoreActor(ActorBase):
         self.check()
         moments = add_moments(*moments_and_renders[:fits]) if fits else None
         grads, stats = self.score.grads(step, *moments_and_renders[fits:], moments=moments)
-        return (*grads, stats)
+        return (*grads, stats | {"bytes/grads": sum(g.nbytes for g in grads)})
 
     def add_moments(self, *moments: CameraMoments) -> CameraMoments:
         """The sum of this replica's particle actors' moments, which every replica then receives (the local sum
