@@ -1,7 +1,7 @@
 """The score replicas' LoRA all-reduce on a real local Ray cluster: seconds and bytes per exchange for R replicas
 that each serve k particle actors, with a gradient of the SD 2.1 LoRA's size, wired as pdray.cluster.driver wires it
-(local sum of the k shares -> cut -> reduce piece j on replica j -> join on all), with pdray.allreduce's functions and
-the ScoreActor's wire format (numpy pieces), and no UNet: the exchange alone.
+(local sum of the k shares -> cut -> reduce piece j on replica j -> join on all), with pdray.vsd.allreduce's
+functions and the ScoreActor's wire format (numpy pieces), and no UNet: the exchange alone.
 
 Each replica counts the bytes it receives from the other replicas (its inputs' sizes), so "moved" is measured, and is
 printed beside the model 2(R-1)/R S. ``--no-local-sum`` sends each of the k shares' pieces instead, as pdray did
@@ -23,9 +23,9 @@ import time
 import ray
 import torch
 
-from pdray.allreduce import cut, join, local_sum, sum_in_order
 from pdray.cluster.score_actor import from_wire, to_wire
 from pdray.types import LoraGrads
+from pdray.vsd.allreduce import cut, join, local_sum, sum_in_order
 
 
 @ray.remote

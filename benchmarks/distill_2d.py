@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from pdray.config import load_config
-from pdray.evaluate import score_views
+from pdray.evaluation.evaluate import score_views
 from pdray.imaging import save_png
-from pdray.local_executor import run_local
 from pdray.priors.diffusion import DiffusionPrior
 from pdray.priors.sampling import image_grid, sample_images
+from pdray.run.local_executor import run_local
 
 
 def main() -> None:

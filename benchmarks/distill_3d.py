@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pdray.config import load_config
-from pdray.local_executor import run_local
+from pdray.run.local_executor import run_local
 
 
 def run(name: str, out: Path, overrides: list[str]) -> dict:

@@ -21,7 +21,7 @@ Weak-scaling projection to G GPUs with p particles each (P = p G particles), fro
 
 - R = G (one ScoreActor replica per GPU, serving its own p particles; the replicas all-reduce the LoRA gradient,
   S bytes, as pdray does it: through Ray's object store in three rounds of actor calls, a reduce-scatter and an
-  all-gather (``pdray.allreduce``), so each replica moves 2 (G-1)/G S over its link of B bytes/s, copies its share
+  all-gather (``pdray.vsd.allreduce``), so each replica moves 2 (G-1)/G S over its link of B bytes/s, copies its share
   to the host and the sum back over PCIe at P bytes/s, and waits a per round):
   T = render(p) + encode(p) + unet_cfg(p) + unet_lora(p) + lora_update(p) + backward(p)
       + 2 (G-1)/G S/B + 2 S/P + 3 a
@@ -50,16 +50,16 @@ from pathlib import Path
 
 import torch
 
-from pdray.cameras import CameraRanges, sample_cameras
 from pdray.config import LoraConfig, NerfConfig, PriorConfig, RunConfig
-from pdray.distill import drop_nonfinite, sample_timesteps, surrogate_loss, vsd_grad
 from pdray.geometry.hashgrid import GridConfig, encoding_backend_name
 from pdray.geometry.nerf import FieldConfig
-from pdray.particle import NeRFParticle, ParticleGroup
 from pdray.priors.diffusion import DiffusionPrior, load_prior
-from pdray.priors.lora import CameraLoRA
+from pdray.render.cameras import CameraRanges, sample_cameras
 from pdray.rng import SHARED, Purpose, Stage, stream
-from pdray.score import ScoreEstimator
+from pdray.vsd.distill import drop_nonfinite, sample_timesteps, surrogate_loss, vsd_grad
+from pdray.vsd.lora import CameraLoRA
+from pdray.vsd.particle import NeRFParticle, ParticleGroup
+from pdray.vsd.score import ScoreEstimator
 
 COMPONENTS = ("render", "encode", "unet_cfg", "unet_lora", "lora_update", "backward")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}

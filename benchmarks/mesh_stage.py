@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     run_dir = args.run
     if run_dir is None:
-        from pdray.local_executor import run_local
+        from pdray.run.local_executor import run_local
 
         run_dir = args.out / "nerf"
         nerf_config = load_config(

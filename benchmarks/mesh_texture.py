@@ -1,9 +1,10 @@
 """Does the mesh stage keep its NeRF's colours? Per particle: the toy judge's colour of the NeRF views vs the mesh
 turntable, the mean foreground hue of each (degrees) and their difference, the brightness ratio mesh / NeRF, the
 pixel error of the turntable to the NeRF's views and of model.glb (rendered through its baked texture) to the
-turntable from the same cameras, the judge's p(prompt's shape), crispness (edge energy and haze, ``pdray.metrics``)
-and surface speckle of each; then the same over all particles, with ``pdray.world_eval.world_kid`` of the NeRF
-views and of the mesh frames to the toy world's own renders from the same cameras.
+turntable from the same cameras, the judge's p(prompt's shape), crispness (edge energy and haze,
+``pdray.evaluation.metrics``) and surface speckle of each; then the same over all particles, with
+``pdray.evaluation.world_eval.world_kid`` of the NeRF views and of the mesh frames to the toy world's own renders
+from the same cameras.
 
     python benchmarks/mesh_texture.py RUN_DIR [RUN_DIR ...]                     # the meshes already on disk
     python benchmarks/mesh_texture.py --prompt "a cube" --particles 4 --out DIR  # NeRF stage first, into DIR
@@ -34,14 +35,14 @@ import torch.nn.functional as F
 import trimesh
 
 from pdray.config import load_config
-from pdray.evaluate import eval_cameras, load_views, run_config
-from pdray.mesh_stage import mesh_folder
-from pdray.metrics import edge_energy, foreground_brightness, foreground_mask, haze, hsv_saturation, hue
+from pdray.evaluation.evaluate import eval_cameras, load_views, run_config
+from pdray.evaluation.metrics import edge_energy, foreground_brightness, foreground_mask, haze, hsv_saturation, hue
+from pdray.evaluation.world_eval import world_kid, world_renders
 from pdray.priors.diffusion import TOY_MODEL_DIR
 from pdray.priors.toyworld.captions import parse_prompt
 from pdray.priors.toyworld.judge import load_judge
 from pdray.render.raster import antialias, interpolate, project, rasterize
-from pdray.world_eval import world_kid, world_renders
+from pdray.run.mesh_stage import mesh_folder
 
 
 def mean_hue(images: torch.Tensor, tolerance: float = 0.08, min_saturation: float = 0.2) -> float | None:
@@ -228,8 +229,8 @@ def report(run_dir: Path, title: str, mesh_dir: Path, judge, seconds: dict[int, 
 
 def run_variant(run_dir: Path, name: str, overrides: list[str]) -> tuple[Path, dict[int, float]]:
     """The mesh stage of every particle with ``overrides``, into RUN_DIR/variants/NAME; seconds per particle."""
-    from pdray.checkpoint import load_particle_tensors
-    from pdray.mesh_stage import run_mesh_stage
+    from pdray.run.mesh_stage import run_mesh_stage
+    from pdray.vsd.checkpoint import load_particle_tensors
 
     config = run_config(run_dir, overrides)
     out = run_dir / "variants" / name
@@ -262,7 +263,7 @@ def main() -> None:
     torch.set_num_threads(1)
     runs = list(args.runs)
     if args.prompt:
-        from pdray.local_executor import run_local
+        from pdray.run.local_executor import run_local
 
         overrides = [f"prompt={args.prompt}", f"particles={args.particles}", f"seed={args.seed}"]
         overrides += ["executor=local", "wandb=off", "stages=[nerf]"]

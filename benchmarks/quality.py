@@ -5,7 +5,7 @@
 
 For every prompt and dimension it distils ``--particles`` particles with each method (the default config for 3D,
 image2d for 2D, both at ``--steps``), draws the prior's ancestral samples (DDIM 50, CFG 7.5) as the reference, and
-prints one row per method (pdray.quality.set_quality):
+prints one row per method (pdray.evaluation.quality.set_quality):
 
 - colour H: entropy of the judged colours over particles, a fraction of log 6; hues: distinct dominant hues;
 - KID: kernel distance of the particles' views to 64 reference samples (``--reference-samples``) in judge
@@ -13,9 +13,9 @@ prints one row per method (pdray.quality.set_quality):
   same reference);
 - haze (faint fringe pixels per solid pixel; lower is crisper), edge energy, saturation, brightness;
 - agreement (judge sees the prompt's shape / colour) and confidence (the judge's probability of it);
-- 3D only, from the run's eval.json (``pdray.world_eval``): views, the judge's view read right at the orbit's front /
-  side / back cameras (mugs, chairs, houses; the world's own renders score 1.0), shape right per view, and wKID, the
-  kernel distance to the world's renders of the prompt's object from the same cameras; wall time.
+- 3D only, from the run's eval.json (``pdray.evaluation.world_eval``): views, the judge's view read right at the
+  orbit's front / side / back cameras (mugs, chairs, houses; the world's own renders score 1.0), shape right per
+  view, and wKID, the kernel distance to the world's renders of the prompt's object from the same cameras; wall time.
 
 Writes ``table.json``, ``table.md`` and one contact sheet per prompt and dimension (ancestral samples on top,
 then each method's particles, at azimuths 0 / 90 / 180 / 270 in 3D) to ``--out``.
@@ -33,12 +33,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from pdray.config import load_config
+from pdray.evaluation.quality import set_quality
 from pdray.imaging import to_uint8
-from pdray.local_executor import run_local
 from pdray.priors.diffusion import TOY_MODEL_DIR, DiffusionPrior
 from pdray.priors.sampling import sample_images
 from pdray.priors.toyworld.judge import load_judge
-from pdray.quality import set_quality
+from pdray.run.local_executor import run_local
 
 PROMPTS = "a cube;a sphere;a cone;a mug;a chair;a house;a red cube;a blue mug"
 METHODS = {
@@ -104,7 +104,8 @@ def fmt(row: dict) -> str:
 
 
 WORLD_READ = ("views_right", "views_right_world", "shape_right", "world_kid")
-"""What a 3D run's eval.json says against the toy world itself (``pdray.world_eval``), copied into its row."""
+"""What a 3D run's eval.json says against the toy world itself (``pdray.evaluation.world_eval``), copied into its
+row."""
 
 
 def write_markdown(table: dict, path: Path) -> None:

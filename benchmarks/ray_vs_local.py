@@ -25,7 +25,7 @@ from pdray.config import load_config
 
 def run_once(executor: str, replicas: int, args: argparse.Namespace) -> dict:
     from pdray.cluster.driver import run_ray
-    from pdray.local_executor import run_local
+    from pdray.run.local_executor import run_local
 
     config = load_config(
         "default",

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pdray.checkpoint import load_checkpoint
+from pdray.vsd.checkpoint import load_checkpoint
 
 
 def pdray(*args: str) -> list[str]:

@@ -4,8 +4,9 @@ per step, as the particle count grows (the paper's appendix H runs 2D VSD with 2
 Each particle count runs in its own process (`pdray run`'s code path: run_ray, with checkpoints and the final
 evaluation) so its driver memory is its own. Per count it prints:
 - s/step/particle: the median of metrics.jsonl's time/step after the first two steps, over the particle count;
-- driver RSS while the steps run (sampled every 0.2 s) and the driver's peak over the whole run (which includes
-  the final evaluation: it reads every particle's views from disk);
+- driver RSS while the steps run (sampled every 0.2 s over the steps before the midway checkpoint's evaluation)
+  and the driver's peak over the whole run, which includes the two evaluations (each reads every particle's
+  views from disk and judges them);
 - the particle actors' and the score actor's peak RSS (summary.json's actor_memory);
 - bytes/step: the tensors one step's calls return (renders and per-camera moments, gradients; metrics.jsonl);
 - the checkpoint's size on disk and how many shards it has.
@@ -35,10 +36,11 @@ def measure(particles: int, steps: int, config_name: str, overrides: list[str], 
     """One run in this process; returns its numbers."""
     import psutil
 
-    from pdray.checkpoint import checkpoint_folder, read_manifest
     from pdray.cluster.driver import run_ray
     from pdray.config import load_config
+    from pdray.vsd.checkpoint import checkpoint_folder, read_manifest
 
+    every = max(2, steps // 2)
     config = load_config(
         config_name,
         [
@@ -47,7 +49,7 @@ def measure(particles: int, steps: int, config_name: str, overrides: list[str], 
             "executor=ray",
             "wandb=off",
             "log_every=1",
-            f"checkpoint_every={max(1, steps // 2)}",  # one checkpoint (and evaluation) midway, one at the end
+            f"checkpoint_every={every}",  # one checkpoint (and evaluation) midway, one at the end
             *overrides,
         ],
     )
@@ -55,7 +57,8 @@ def measure(particles: int, steps: int, config_name: str, overrides: list[str], 
 
     def sample() -> None:
         while not done.is_set():
-            if metrics.exists():  # the steps have started
+            logged = len(metrics.read_text().splitlines()) if metrics.exists() else -1
+            if 0 <= logged < every - 1:  # the steps before the midway checkpoint's evaluation starts
                 rss.append(me.memory_info().rss)
             time.sleep(0.2)
 

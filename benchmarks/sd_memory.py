@@ -80,7 +80,7 @@ def lora_unet_saved(configs: dict, dtype: torch.dtype, latent: int) -> tuple[flo
     from diffusers.models.embeddings import TimestepEmbedding
     from peft import LoraConfig
 
-    from pdray.priors.lora import CAMERA_DIM, TARGET_MODULES
+    from pdray.vsd.lora import CAMERA_DIM, TARGET_MODULES
 
     unet = UNet2DConditionModel(**configs["unet"]).to(dtype).requires_grad_(False).eval()
     weights = nbytes(unet)
@@ -115,11 +115,11 @@ def vae_encode_saved(configs: dict, dtype: torch.dtype, resolution: int) -> tupl
 def nerf_saved(resolution: int, samples: int) -> float:
     from types import SimpleNamespace
 
-    from pdray.cameras import CameraRanges, sample_cameras
     from pdray.config import NerfConfig, RunConfig
     from pdray.geometry.hashgrid import GridConfig
     from pdray.geometry.nerf import FieldConfig
-    from pdray.particle import NeRFParticle
+    from pdray.render.cameras import CameraRanges, sample_cameras
+    from pdray.vsd.particle import NeRFParticle
 
     field = FieldConfig(grid=GridConfig(), hidden_dim=64)  # the paper's hash grid, as benchmarks/gpu_step.py
     config = RunConfig(prompt="a pineapple", nerf=NerfConfig(field=field, resolution=resolution, n_samples=samples))

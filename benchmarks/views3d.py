@@ -6,12 +6,12 @@
 Each ``--variant NAME:OVERRIDES`` (space-separated ``--set`` overrides on the default preset) is distilled for
 every prompt and seed (NeRF stage, local executor); a run whose summary.json exists is read back, not re-run, so the
 benchmark can be stopped and continued. Per prompt and variant, the mean over seeds of the run's eval.json
-(``pdray.evaluate``, ``pdray.world_eval``):
+(``pdray.evaluation.evaluate``, ``pdray.evaluation.world_eval``):
 
 - views: the toy judge's view read right at the orbit's front / side / back cameras, as a fraction of the same read
   on the world's own renders from those cameras (the ceiling; mugs, chairs and houses only);
 - shape: views judged the prompt's shape; wkid: kernel distance of the views to the world's renders in the judge's
-  features (``pdray.world_eval.world_kid``; lower is closer, about 0 for the world's own renders);
+  features (``pdray.evaluation.world_eval.world_kid``; lower is closer, about 0 for the world's own renders);
 - value / sat: foreground brightness and saturation over the prior's ancestral samples' (DDIM 50, CFG 7.5);
 - colour H: entropy of the judged colours over log 6, beside the samples' for as many draws as particles;
 - views samples (table.md): how well the prior itself binds views, the judge's read of its samples of
@@ -33,15 +33,15 @@ import torch
 from quality import sheet_row, write_sheet
 
 from pdray.config import load_config
-from pdray.evaluate import load_views
-from pdray.local_executor import run_local
-from pdray.metrics import foreground_brightness, foreground_saturation
+from pdray.evaluation.evaluate import load_views
+from pdray.evaluation.metrics import foreground_brightness, foreground_saturation
+from pdray.evaluation.world_eval import views_matter
 from pdray.priors.diffusion import TOY_MODEL_DIR, DiffusionPrior
 from pdray.priors.sampling import sample_images
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
 from pdray.priors.toyworld.world import VIEWS
 from pdray.prompts import view_prompt
-from pdray.world_eval import views_matter
+from pdray.run.local_executor import run_local
 
 COLUMNS = ("views", "shape", "wkid", "value", "sat", "colourH", "haze", "seconds")
 

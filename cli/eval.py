@@ -22,12 +22,12 @@ def eval_(
     ] = None,
 ) -> None:
     """Judge a run from the views on disk (CLIP score, R-precision, Vendi; toy judge): eval.json, report.html."""
-    from pdray.evaluate import evaluate_folder, format_evaluation, run_config
+    from pdray.evaluation.evaluate import evaluate_folder, format_evaluation, run_config
 
     overrides = [*(set_ or []), *([f"eval.clip_model={clip_model}"] if clip_model else [])]
     if (folder / "study.json").is_file():
-        from pdray.study import evaluate_study
-        from pdray.study_report import markdown_table
+        from pdray.evaluation.study_report import markdown_table
+        from pdray.study.grid import evaluate_study
 
         report = evaluate_study(folder, overrides)
         typer.echo(markdown_table(report["cells"], [*report.get("vary", {}), "seed"]))

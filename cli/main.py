@@ -198,8 +198,8 @@ def _execute(run_config, run_dir: Path, resume: bool) -> None:
 
     import torch
 
-    from pdray.mesh_stage import meshed_particles
-    from pdray.run_loop import RunStopped
+    from pdray.run.loop import RunStopped
+    from pdray.run.mesh_stage import meshed_particles
 
     def stop(signum, frame):  # outside the NeRF stage's loop (which handles it itself) SIGTERM stops like Ctrl-C
         raise KeyboardInterrupt
@@ -213,7 +213,7 @@ def _execute(run_config, run_dir: Path, resume: bool) -> None:
             if run_config.executor == "ray":
                 from pdray.cluster.driver import run_ray as run_stage
             else:
-                from pdray.local_executor import run_local as run_stage
+                from pdray.run.local_executor import run_local as run_stage
             summary = run_stage(run_config, run_dir, resume=resume)
             typer.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
             typer.echo(f"run folder: {run_dir}")
@@ -236,7 +236,7 @@ def nerf_stage_done(run_config, run_dir: Path) -> bool:
     """Whether the run folder holds the finished NeRF stage of this config: its last checkpoint and summary."""
     import json
 
-    from pdray.checkpoint import checkpoint_step
+    from pdray.vsd.checkpoint import checkpoint_step
 
     try:
         step = checkpoint_step(run_dir)
@@ -253,7 +253,7 @@ def _mesh(run_config, run_dir: Path, particle_ids: list[int]) -> None:
 
         summary = run_mesh_ray(run_config, run_dir, particle_ids)
     else:
-        from pdray.mesh_stage import run_mesh_local
+        from pdray.run.mesh_stage import run_mesh_local
 
         summary = run_mesh_local(run_config, run_dir, particle_ids)
     for pid, result in summary["particles"].items():
@@ -290,8 +290,8 @@ def export(
 
     import torch
 
-    from pdray.checkpoint import checkpoint_step
     from pdray.config import load_config
+    from pdray.vsd.checkpoint import checkpoint_step
 
     if not (run_dir / "config.yaml").exists():
         fail(f"{run_dir} is not a run folder (no config.yaml)")

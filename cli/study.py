@@ -36,7 +36,7 @@ def study(
     import signal
 
     from pdray.config import ConfigError
-    from pdray.study import StudySpec, parse_vary, run_study
+    from pdray.study.grid import StudySpec, parse_vary, run_study
 
     def stop(signum, frame):  # SIGTERM (`kill`, a scheduler) cleans up like Ctrl-C: cells cancelled, scratch removed
         raise KeyboardInterrupt

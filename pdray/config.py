@@ -203,7 +203,8 @@ class EvalConfig(Section):
     """CLIP that judges fidelity and diversity for any prior: a local folder or a hub id already in the Hugging Face
     cache (never downloaded); none: the toy judge (toy prior) and image statistics only."""
     distractors: list[str] | None = None
-    """R-precision's distractor prompts; none: pdray's built-in set of object captions (``pdray.clip_judge``)."""
+    """R-precision's distractor prompts; none: pdray's built-in set of object captions
+    (``pdray.evaluation.clip_judge``)."""
 
 
 class RunConfig(Section):

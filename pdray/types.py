@@ -45,7 +45,7 @@ class LoraGrads:
 @dataclass
 class CameraMoments:
     """Sums over particles of the (coarse) latents rendered from each camera: what VSD's Gaussian particle score is
-    fitted from. Sums add across particle actors and score replicas (``pdray.distill.add_moments``), so the fit
+    fitted from. Sums add across particle actors and score replicas (``pdray.vsd.distill.add_moments``), so the fit
     needs no particle's latents but its own, and its size does not grow with the number of particles."""
 
     keys: torch.Tensor  # [K, D] float32, one row per camera (its c2w flattened), unique, sorted

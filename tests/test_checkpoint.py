@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pdray.checkpoint import (
+from pdray.vsd.checkpoint import (
     checkpoint_folder,
     checkpoint_step,
     commit_checkpoint,

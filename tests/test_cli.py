@@ -1,9 +1,9 @@
 from pdray.cli.main import app
 from typer.testing import CliRunner
 
-from pdray.checkpoint import checkpoint_folder
 from pdray.geometry import hashgrid
 from pdray.render import raster
+from pdray.vsd.checkpoint import checkpoint_folder
 
 runner = CliRunner()
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pdray.distill import (
+from pdray.vsd.distill import (
     drop_nonfinite,
     sample_timesteps,
     sds_grad,
@@ -52,7 +52,7 @@ def test_t_range_must_be_ordered(bad):
 
 
 def test_gaussian_eps_of_one_latent_or_of_identical_latents_is_the_noise_sds():
-    from pdray.distill import gaussian_eps
+    from pdray.vsd.distill import gaussian_eps
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, 4, 8, 8, generator=g).expand(3, -1, -1, -1)
@@ -63,7 +63,7 @@ def test_gaussian_eps_of_one_latent_or_of_identical_latents_is_the_noise_sds():
 
 def test_gaussian_eps_is_the_expected_posterior_mean_noise_of_the_fitted_gaussian():
     """Averaged over the noise, it equals the Gaussian's posterior-mean noise; each group is fitted on its own."""
-    from pdray.distill import gaussian_eps
+    from pdray.vsd.distill import gaussian_eps
 
     g = torch.Generator().manual_seed(0)
     z = 1.0 + 0.5 * torch.randn(4, 4, 8, 8, generator=g)
@@ -88,7 +88,7 @@ def test_gaussian_eps_is_the_expected_posterior_mean_noise_of_the_fitted_gaussia
 
 
 def test_gaussian_repulsion_scales_the_push_and_zero_is_sds():
-    from pdray.distill import gaussian_eps
+    from pdray.vsd.distill import gaussian_eps
 
     g = torch.Generator().manual_seed(1)
     z, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
@@ -99,7 +99,7 @@ def test_gaussian_repulsion_scales_the_push_and_zero_is_sds():
 
 
 def test_coarse_is_an_orthogonal_projection_and_the_coarse_gaussian_pushes_block_means_only():
-    from pdray.distill import coarse, gaussian_eps
+    from pdray.vsd.distill import coarse, gaussian_eps
 
     g = torch.Generator().manual_seed(2)
     z, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
@@ -129,7 +129,7 @@ def two_pass_fit(z: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def test_the_fit_from_moments_summed_over_actors_equals_the_fit_from_every_latent():
-    from pdray.distill import add_moments, camera_moments, gaussian_fit, moments_fit
+    from pdray.vsd.distill import add_moments, camera_moments, gaussian_fit, moments_fit
 
     g = torch.Generator().manual_seed(3)
     z = 0.7 + torch.randn(12, 4, 8, 8, generator=g)  # 3 cameras x 4 particles, an offset the sums must survive

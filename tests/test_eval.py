@@ -13,7 +13,7 @@ import torch
 from pdray.cli.main import app
 from typer.testing import CliRunner
 
-from pdray.diversity import clip_score, mean_pairwise_cosine_distance, normalise, r_precision, vendi_score
+from pdray.evaluation.diversity import clip_score, mean_pairwise_cosine_distance, normalise, r_precision, vendi_score
 
 runner = CliRunner()
 
@@ -45,7 +45,7 @@ def test_a_render_near_its_prompt_ranks_above_the_distractors():
 
 
 def test_the_tiny_clip_loads_offline_and_judges_identical_particles_as_one(tiny_clip):
-    from pdray.clip_judge import ClipJudge
+    from pdray.evaluation.clip_judge import ClipJudge
 
     judge = ClipJudge(str(tiny_clip), device="cpu")
     views = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(1))
@@ -63,7 +63,7 @@ def test_the_tiny_clip_loads_offline_and_judges_identical_particles_as_one(tiny_
 
 
 def test_a_missing_clip_is_one_clear_line(tmp_path):
-    from pdray.clip_judge import ClipJudge, ClipNotFoundError
+    from pdray.evaluation.clip_judge import ClipJudge, ClipNotFoundError
 
     with pytest.raises(ClipNotFoundError, match="'missing-org/missing-clip' is neither a local folder nor in"):
         ClipJudge("missing-org/missing-clip")
@@ -118,7 +118,7 @@ def test_pdray_eval_prints_clip_score_r_precision_and_vendi(toy_run, tiny_clip, 
 
 
 def test_a_finished_run_is_judged_without_a_missing_clip_and_says_so(toy_run, tmp_path):
-    from pdray.evaluate import evaluate_folder, run_config
+    from pdray.evaluation.evaluate import evaluate_folder, run_config
 
     run = tmp_path / "run"
     shutil.copytree(toy_run, run)
@@ -176,8 +176,8 @@ def test_pdray_eval_on_a_study_gives_every_cell_the_same_columns(toy_run, tiny_c
 
 
 def test_the_wandb_table_has_one_row_per_particle(toy_run, tiny_clip, tmp_path):
-    from pdray.evaluate import evaluate_folder, run_config
-    from pdray.tracking import Tracker
+    from pdray.evaluation.evaluate import evaluate_folder, run_config
+    from pdray.evaluation.tracking import Tracker
 
     run = tmp_path / "run"
     shutil.copytree(toy_run, run)
@@ -229,10 +229,10 @@ def test_report_pages_load_in_headless_chromium_and_show_every_particle(toy_run,
 
 def test_a_checkpoint_refreshes_the_page_and_logs_the_evaluation(tiny_model, tiny_clip, tmp_path):
     from pdray.config import load_config, save_config
-    from pdray.evaluate import evaluate_checkpoint
-    from pdray.particle import ParticleGroup
+    from pdray.evaluation.evaluate import evaluate_checkpoint
+    from pdray.evaluation.tracking import Tracker
     from pdray.priors.diffusion import load_prior
-    from pdray.tracking import Tracker
+    from pdray.vsd.particle import ParticleGroup
 
     sets = [f"prior.model={tiny_model}", "particles=2", "steps=10", "eval_views=2", "nerf.resolution=16"]
     config = load_config("default", [*sets, "nerf.n_samples=8", "wandb=offline", f"eval.clip_model={tiny_clip}"])
@@ -253,9 +253,9 @@ def test_a_house_alike_from_every_side_reads_wrong_views_beside_the_worlds_ceili
     """eval.json's 3D read on a run folder whose particle 0 is the world's house from the orbit and particle 1 its
     front view from every side; CLIP (tiny, random) gives its own view read of the same views."""
     from pdray.config import load_config, save_config
-    from pdray.evaluate import eval_cameras, evaluate_folder
+    from pdray.evaluation.evaluate import eval_cameras, evaluate_folder
+    from pdray.evaluation.world_eval import world_renders
     from pdray.imaging import save_png
-    from pdray.world_eval import world_renders
 
     config = load_config("default", ["prompt=a house", "particles=2", "eval_views=8", f"eval.clip_model={tiny_clip}"])
     save_config(config, tmp_path / "config.yaml")

@@ -48,7 +48,7 @@ def tiny_config(model, *overrides):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory):
     """A finished two-particle NeRF run on the tiny prior (two steps: the NeRFs are still the initial blob)."""
-    from pdray.local_executor import run_local
+    from pdray.run.local_executor import run_local
 
     config = tiny_config(tiny_model)
     run_dir = tmp_path_factory.mktemp("run")
@@ -83,7 +83,7 @@ def test_regularisers_vanish_on_flat_and_smooth_meshes() -> None:
 
 
 def test_normal_map_sees_the_facing_side() -> None:
-    from pdray.cameras import orbit_cameras
+    from pdray.render.cameras import orbit_cameras
 
     sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
     verts, faces = torch.tensor(sphere.vertices, dtype=torch.float32), torch.tensor(sphere.faces, dtype=torch.long)
@@ -125,10 +125,10 @@ def test_paper_presets_load() -> None:
 
 
 def test_fine_tune_moves_geometry_and_texture_from_the_nerf(tiny_run) -> None:
-    from pdray.checkpoint import load_particle_tensors
-    from pdray.mesh_stage import MeshStage, MeshStageError
-    from pdray.particle import build_particle
     from pdray.priors.diffusion import load_prior
+    from pdray.run.mesh_stage import MeshStage, MeshStageError
+    from pdray.vsd.checkpoint import load_particle_tensors
+    from pdray.vsd.particle import build_particle
 
     config, run_dir = tiny_run
     prior = load_prior(config.prior)
@@ -158,11 +158,11 @@ def test_texture_stage_holds_the_texture_to_the_nerfs_renders(tiny_run) -> None:
     """The texture starts as the NeRF's albedo on the mesh's surface, which is not what the NeRF's renders show (they
     blend the albedo along each ray); the default anchor brings the mesh's renders to the NeRF's, VSD alone (the old
     texture stage, which repainted the toy runs' colours) does not."""
-    from pdray.checkpoint import load_particle_tensors
-    from pdray.evaluate import eval_cameras
-    from pdray.mesh_stage import MeshStage
-    from pdray.particle import build_particle
+    from pdray.evaluation.evaluate import eval_cameras
     from pdray.priors.diffusion import load_prior
+    from pdray.run.mesh_stage import MeshStage
+    from pdray.vsd.checkpoint import load_particle_tensors
+    from pdray.vsd.particle import build_particle
 
     base, run_dir = tiny_run
     assert (

@@ -23,9 +23,9 @@ def test_task_resources_take_a_gpu_each_or_share_the_cpus() -> None:
 
 @pytest.mark.slow
 def test_one_particle_meshes_as_a_ray_task_and_failed_ones_are_reported(local_ray, tiny_model, tmp_path):
-    from pdray.checkpoint import load_checkpoint, save_checkpoint
     from pdray.cluster.mesh_tasks import run_mesh_ray
-    from pdray.local_executor import run_local
+    from pdray.run.local_executor import run_local
+    from pdray.vsd.checkpoint import load_checkpoint, save_checkpoint
 
     config = load_config(
         "default",

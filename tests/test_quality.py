@@ -3,8 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from pdray.cameras import sample_cameras
-from pdray.metrics import (
+from pdray.evaluation.metrics import (
     HUE_BINS,
     dominant_hue,
     edge_energy,
@@ -16,6 +15,7 @@ from pdray.metrics import (
 from pdray.priors.diffusion import TOY_MODEL_DIR
 from pdray.priors.toyworld.judge import load_judge
 from pdray.priors.toyworld.world import COLOUR_NAMES, SHAPES, render_objects
+from pdray.render.cameras import sample_cameras
 
 
 def cubes(colours: list[int], seed: int = 0) -> torch.Tensor:
@@ -62,7 +62,7 @@ def test_kid_of_a_distribution_to_itself_is_the_floor():
 
 
 def test_set_quality_on_renders_of_the_world():
-    from pdray.quality import set_quality
+    from pdray.evaluation.quality import set_quality
 
     judge = load_judge(TOY_MODEL_DIR / "judge")
     reference = cubes([i % len(COLOUR_NAMES) for i in range(48)], seed=1)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from pdray.cameras import Cameras, camera_rays
 from pdray.render import raster
+from pdray.render.cameras import Cameras, camera_rays
 from pdray.render.raster import antialias, backend_name, interpolate, project, rasterize
 
 

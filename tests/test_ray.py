@@ -12,8 +12,8 @@ import psutil
 import pytest
 import torch
 
-from pdray.checkpoint import checkpoint_folder, load_checkpoint
 from pdray.config import load_config, save_config
+from pdray.vsd.checkpoint import checkpoint_folder, load_checkpoint
 
 # End-to-end runs on a local cluster: about 2 minutes on an idle 2-core machine.
 pytestmark = pytest.mark.slow
@@ -213,7 +213,7 @@ def test_the_gaussian_score_on_two_replicas_of_two_actors_each_equals_one_replic
 
 
 def test_the_local_and_the_ray_executor_run_one_loop_to_the_same_particles(reference, tmp_path):
-    from pdray.local_executor import run_local
+    from pdray.run.local_executor import run_local
 
     config, reference_dir, _ = reference
     threads = torch.get_num_threads()
@@ -237,7 +237,7 @@ def test_the_local_and_the_ray_executor_run_one_loop_to_the_same_particles(refer
 
 def test_a_ray_run_stopped_by_sigint_resumes_to_exactly_the_uninterrupted_run(reference, tmp_path):
     from pdray.cluster.driver import run_ray
-    from pdray.run_loop import RunStopped
+    from pdray.run.loop import RunStopped
 
     config, reference_dir, _ = reference
     sent = []

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdray.allreduce import cut, join, local_sum, sum_in_order
 from pdray.config import load_config
-from pdray.distill import add_moments
-from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import load_prior
-from pdray.score import ScoreEstimator
+from pdray.vsd.allreduce import cut, join, local_sum, sum_in_order
+from pdray.vsd.distill import add_moments
+from pdray.vsd.particle import ParticleGroup
+from pdray.vsd.score import ScoreEstimator
 
 
 def config(model, *overrides):

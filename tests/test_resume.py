@@ -13,13 +13,13 @@ import torch
 from pdray.cli.main import app
 from typer.testing import CliRunner
 
-from pdray.checkpoint import load_checkpoint
 from pdray.config import load_config
-from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import DiffusionPrior
 from pdray.rng import SHARED, Purpose, Stage, seed_of
-from pdray.run_loop import RunStopped
-from pdray.score import ScoreEstimator
+from pdray.run.loop import RunStopped
+from pdray.vsd.checkpoint import load_checkpoint
+from pdray.vsd.particle import ParticleGroup
+from pdray.vsd.score import ScoreEstimator
 
 runner = CliRunner()
 
@@ -150,7 +150,7 @@ def test_score_batch_size_changes_memory_only_not_the_lora_update(tiny_model, st
 
 @pytest.mark.parametrize("particle_score", ["lora", "gaussian"])
 def test_a_run_stopped_by_a_signal_resumes_to_exactly_the_uninterrupted_run(tiny_model, tmp_path, particle_score):
-    from pdray.local_executor import run_local
+    from pdray.run.local_executor import run_local
 
     config = tiny_config(tiny_model, f"particle_score={particle_score}", "steps=16")
     run_local(config, tmp_path / "whole")

@@ -14,10 +14,10 @@ from pdray.cli.main import app
 from typer.testing import CliRunner
 
 from pdray.config import ConfigError, load_config, save_config
-from pdray.evaluate import score_views
-from pdray.metrics import foreground_mask, foreground_saturation, hsv_saturation
-from pdray.study import StudySpec, cell_name, expand_grid, is_finished, parse_vary, split_values, study_cells
-from pdray.study_report import series
+from pdray.evaluation.evaluate import score_views
+from pdray.evaluation.metrics import foreground_mask, foreground_saturation, hsv_saturation
+from pdray.evaluation.study_report import series
+from pdray.study.grid import StudySpec, cell_name, expand_grid, is_finished, parse_vary, split_values, study_cells
 
 runner = CliRunner()
 

@@ -22,9 +22,9 @@ import yaml
 from pdray.cli.main import app
 from typer.testing import CliRunner
 
-from pdray.checkpoint import checkpoint_folder
 from pdray.cluster import submit
 from pdray.config import load_config
+from pdray.vsd.checkpoint import checkpoint_folder
 
 runner = CliRunner()
 BIN = Path(sys.executable).parent

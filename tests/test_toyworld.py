@@ -2,12 +2,12 @@ import random
 
 import torch
 
-from pdray.cameras import Cameras
 from pdray.priors.diffusion import TOY_MODEL_DIR, DiffusionPrior
 from pdray.priors.toyworld.captions import caption, parse_prompt
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
 from pdray.priors.toyworld.model import UNK, build_tokenizer
 from pdray.priors.toyworld.world import SHAPES, render_objects, sample_world
+from pdray.render.cameras import Cameras
 
 
 def _front(n: int, azimuth: float = 0.0) -> Cameras:

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdray.cameras import Cameras, camera_rays, orbit_cameras
 from pdray.geometry.hashgrid import GridConfig
 from pdray.geometry.nerf import BackgroundField, FieldConfig, NeRFField
 from pdray.render import volume
+from pdray.render.cameras import Cameras, camera_rays, orbit_cameras
 from pdray.render.volume import (
     opacity_entropy_loss,
     orientation_loss,

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from pdray.checkpoint import load_checkpoint, save_checkpoint
 from pdray.config import load_config
-from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import DiffusionPrior
-from pdray.priors.lora import CameraLoRA
-from pdray.score import ScoreEstimator
+from pdray.vsd.checkpoint import load_checkpoint, save_checkpoint
+from pdray.vsd.lora import CameraLoRA
+from pdray.vsd.particle import ParticleGroup
+from pdray.vsd.score import ScoreEstimator
 
 
 def tiny_config(model, *overrides):
@@ -169,7 +169,7 @@ def test_the_prolificdreamer_preset_builds_every_component_on_the_tiny_fixture(t
 
 
 def test_white_background_renders_white_and_has_no_background_parameters(tiny_model):
-    from pdray.cameras import Cameras
+    from pdray.render.cameras import Cameras
 
     config = tiny_config(tiny_model, "nerf.background=white", "nerf.field.density_bias=none")
     group = ParticleGroup(config, [0], DiffusionPrior(tiny_model, device="cpu"))
@@ -188,7 +188,7 @@ def test_white_background_renders_white_and_has_no_background_parameters(tiny_mo
 @pytest.mark.slow
 def test_a_short_vsd_run_is_more_diverse_than_a_short_sds_run(tmp_path):
     """8 latent particles of a colour-open prompt: VSD spreads over colours, SDS at the same CFG collapses."""
-    from pdray.local_executor import run_local
+    from pdray.run.local_executor import run_local
 
     def entropy(guidance: str) -> float:
         overrides = ["particles=8", "steps=150", f"guidance={guidance}", "cfg=7.5", "wandb=off", "checkpoint_every=150"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from pdray.cameras import orbit_cameras
+from pdray.evaluation.world_eval import view_read, view_targets, views_matter, world_kid, world_renders
 from pdray.priors.diffusion import TOY_MODEL_DIR
 from pdray.priors.toyworld.judge import load_judge
-from pdray.world_eval import view_read, view_targets, views_matter, world_kid, world_renders
+from pdray.render.cameras import orbit_cameras
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ replica adds the R sums; no render leaves its group), and each LoRA step is an a
 of the R sums on every replica): all apply the same summed gradient, so they keep one LoRA, and the driver compares
 their digests after every update.
 
-The run loop (``pdray.run_loop``) is shared with the local executor. A dead actor is restarted by Ray
+The run loop (``pdray.run.loop``) is shared with the local executor. A dead actor is restarted by Ray
 (``ray.max_restarts``) and raises one of ``LOST``; the loop then restores every actor and the LoRA from the last
 checkpoint and goes on from that step, so no particle is lost and the step counter never goes back past that
 checkpoint. This holds wherever the process dies: mid-step, while a checkpoint is taken, during the final
@@ -33,15 +33,15 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pdray.cameras import Cameras
 from pdray.cluster.connect import cluster_resources, connect
 from pdray.cluster.lifecycle import LostStateError, actor_runtime_env
 from pdray.cluster.particle_actor import ParticleActor
 from pdray.cluster.placement import Placement, plan_placement
 from pdray.cluster.score_actor import ScoreActor
 from pdray.config import RunConfig
-from pdray.run_loop import run_stage
-from pdray.tracking import WandbLabels
+from pdray.evaluation.tracking import WandbLabels
+from pdray.render.cameras import Cameras
+from pdray.run.loop import run_stage
 
 LOST = (RayActorError, LostStateError)  # an actor process died (and may be restarting) or came back empty
 
@@ -189,7 +189,7 @@ class RayExecutor:
         """Submit this step's LoRA update; returns the function that waits for it and gives its stats.
 
         One replica fits the LoRA on every render in one call. R replicas run each LoRA step as an all-reduce
-        through the object store (``pdray.allreduce``): R ``lora_grads`` (each summing its actors' shares, cut in R
+        through the object store (``pdray.vsd.allreduce``): R ``lora_grads`` (each summing its actors' shares, cut in R
         pieces), R ``lora_reduce`` (replica j sums piece j of all) and R ``lora_apply`` (each joins the R sums and
         steps), so each replica fetches 2 (R - 1) / R of the LoRA's size per step, as in a ring all-reduce, whatever
         the number of actors it serves."""

@@ -3,7 +3,7 @@
     refs = [mesh_task.remote(config, nerf_weights[pid], pid) for pid in particles]   # num_gpus=1 on GPU clusters
     ray.wait(refs) one at a time -> progress bar; write each particle's files, or record its error
 
-The math lives in ``pdray.mesh_stage``. The run folder lives on the driver's machine (a worker on another node need
+The math lives in ``pdray.run.mesh_stage``. The run folder lives on the driver's machine (a worker on another node need
 not see it), so the driver reads each particle's NeRF weights from the checkpoint and sends them with its task,
 and a task returns its files (GLB, OBJ, MTL, PNG, GIF: kilobytes to a few MB) for the driver to write.
 Ray re-runs a task whose worker process died (``mesh.max_retries``); an exception raised by the stage (no surface
@@ -23,12 +23,12 @@ import torch
 from ray.exceptions import RayError
 from tqdm.auto import tqdm
 
-from pdray.checkpoint import load_particle_tensors
 from pdray.cluster.connect import cluster_resources, connect
 from pdray.cluster.lifecycle import actor_runtime_env, actor_threads, describe_task_error
 from pdray.cluster.placement import Resources
 from pdray.config import RunConfig
-from pdray.mesh_stage import mesh_folder, mesh_summary, record_mesh_summary, run_mesh_stage, write_files
+from pdray.run.mesh_stage import mesh_folder, mesh_summary, record_mesh_summary, run_mesh_stage, write_files
+from pdray.vsd.checkpoint import load_particle_tensors
 
 
 @ray.remote

@@ -13,14 +13,14 @@ from pathlib import Path
 import ray
 import torch
 
-from pdray.cameras import Cameras
-from pdray.checkpoint import read_particles, write_particle_shard
 from pdray.cluster.lifecycle import ActorBase
 from pdray.config import RunConfig
-from pdray.distill import render_moments
-from pdray.particle import ParticleGroup
 from pdray.priors.diffusion import load_prior
+from pdray.render.cameras import Cameras
 from pdray.types import CameraMoments, RenderOut
+from pdray.vsd.checkpoint import read_particles, write_particle_shard
+from pdray.vsd.distill import render_moments
+from pdray.vsd.particle import ParticleGroup
 
 
 @ray.remote

@@ -5,7 +5,7 @@ actors (all of them with one replica).
 it is fitted from) as top-level arguments (Ray resolves them store to store; the driver never fetches a tensor) and
 returns one gradient per served actor plus stats, split with num_returns. With one replica, ``lora_update`` runs
 while the particle actors backpropagate. With R replicas, each LoRA step is an all-reduce through the object store
-(``pdray.allreduce``): ``lora_grads`` on every replica (its actors' gradient shares, summed there and cut into R
+(``pdray.vsd.allreduce``): ``lora_grads`` on every replica (its actors' gradient shares, summed there and cut into R
 pieces), ``lora_reduce`` on replica j (piece j of every replica, summed), then ``lora_apply`` on every replica with
 the R sums: all step their AdamW with the same gradient, so they hold one LoRA, and return its digest for the
 driver to compare. One single-threaded actor runs calls in submission order, so a step's LoRA calls always follow
@@ -23,14 +23,14 @@ import numpy as np
 import ray
 import torch
 
-from pdray.allreduce import cut, join, local_sum, sum_in_order
-from pdray.checkpoint import read_lora, write_lora_shard
 from pdray.cluster.lifecycle import ActorBase
 from pdray.config import RunConfig
-from pdray.distill import add_moments
 from pdray.priors.diffusion import load_prior
-from pdray.score import ScoreEstimator
 from pdray.types import CameraMoments, RenderOut
+from pdray.vsd.allreduce import cut, join, local_sum, sum_in_order
+from pdray.vsd.checkpoint import read_lora, write_lora_shard
+from pdray.vsd.distill import add_moments
+from pdray.vsd.score import ScoreEstimator
 
 
 def to_wire(tensor: torch.Tensor) -> np.ndarray:
@@ -41,7 +41,7 @@ def to_wire(tensor: torch.Tensor) -> np.ndarray:
 
 
 def from_wire(array: np.ndarray) -> torch.Tensor:
-    """A read-only view of a piece from the object store; pdray.allreduce never writes into its inputs."""
+    """A read-only view of a piece from the object store; pdray.vsd.allreduce never writes into its inputs."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
         return torch.from_numpy(array)

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from pdray.cluster.connect import cluster_resources, connect
 from pdray.cluster.lifecycle import actor_runtime_env, actor_threads, describe_task_error
 from pdray.config import RunConfig
-from pdray.tracking import WandbLabels, flush_wandb
+from pdray.evaluation.tracking import WandbLabels, flush_wandb
+from pdray.run.local_executor import run_local
 
 SCRATCH_PREFIX = "pdray-study-"
 
@@ -82,8 +83,6 @@ def study_cell(
 ) -> tuple[dict[str, Any], dict[str, bytes], float]:
     """One cell in a Ray worker: its summary, its run folder's files by relative path, and its wall time. The run
     folder lives in the study's scratch folder (created here on another host; gone here once the study ended)."""
-    from pdray.local_executor import run_local
-
     started = time.perf_counter()
     torch.set_num_threads(actor_threads(num_cpus))
     if not Path(scratch).name.startswith(f"{SCRATCH_PREFIX}{socket.gethostname()}@"):

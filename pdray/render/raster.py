@@ -17,7 +17,7 @@ bounded, then recomputes the winners' barycentrics with autograd. It drops whole
 Example (a cube seen by two orbit cameras)::
 
     >>> import trimesh
-    >>> from pdray.cameras import orbit_cameras
+    >>> from pdray.render.cameras import orbit_cameras
     >>> box = trimesh.creation.box(extents=(0.6, 0.6, 0.6))
     >>> verts = torch.tensor(box.vertices, dtype=torch.float32)
     >>> faces = torch.tensor(box.faces, dtype=torch.long)
@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 
 from pdray.backends import cuda_extension_unavailable_reason
-from pdray.cameras import Cameras
+from pdray.render.cameras import Cameras
 
 Backend = Literal["auto", "torch", "nvdiffrast"]
 

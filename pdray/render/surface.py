@@ -5,7 +5,7 @@ respect to the vertices (through barycentrics and ``antialias``) and to whatever
 Example (a cube's normal map and its colour by position, from two orbit cameras)::
 
     >>> import trimesh
-    >>> from pdray.cameras import orbit_cameras
+    >>> from pdray.render.cameras import orbit_cameras
     >>> box = trimesh.creation.box(extents=(0.6, 0.6, 0.6))
     >>> verts = torch.tensor(box.vertices, dtype=torch.float32)
     >>> faces = torch.tensor(box.faces, dtype=torch.long)
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from pdray.cameras import Cameras, camera_rays
+from pdray.render.cameras import Cameras, camera_rays
 from pdray.render.raster import Backend, antialias, interpolate, project, rasterize
 
 ColorFn = Callable[[torch.Tensor], torch.Tensor]

@@ -7,7 +7,7 @@ are never sampled. Quadrature is NeRF's: ``alpha_i = 1 - exp(-sigma_i * delta_i)
 
 Example (a blob-initialised field seen by two cameras)::
 
-    >>> from pdray.cameras import camera_rays, orbit_cameras
+    >>> from pdray.render.cameras import camera_rays, orbit_cameras
     >>> from pdray.geometry.hashgrid import GridConfig
     >>> from pdray.geometry.nerf import BackgroundField, FieldConfig, NeRFField
     >>> field = NeRFField(FieldConfig(grid=GridConfig(kind="dense", n_levels=2, base_resolution=8)))
@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from pdray.cameras import fixed_light_direction
+from pdray.render.cameras import fixed_light_direction
 
 Shading = Literal["albedo", "lambertian", "textureless"]
 FieldFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -1,7 +1,7 @@
 """The procedural toy world: coloured objects rendered by sphere tracing signed distance functions.
 
 Every object sits at the origin inside a sphere of radius 0.5, front facing +x, z up (the conventions
-of ``pdray.cameras``). Three shapes look different from the front, side and back (mug: handle on its
+of ``pdray.render.cameras``). Three shapes look different from the front, side and back (mug: handle on its
 right; chair: backrest at its back; house: door at its front), so view-dependent prompts matter.
 Shading is ambient + Lambertian from the world's fixed light, on a white background.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pdray.cameras import CameraRanges, Cameras, camera_rays, fixed_light_direction, sample_cameras
+from pdray.render.cameras import CameraRanges, Cameras, camera_rays, fixed_light_direction, sample_cameras
 
 SHAPES = ("sphere", "cube", "cone", "cylinder", "torus", "mug", "chair", "house")
 ASYMMETRIC_SHAPES = ("mug", "chair", "house")

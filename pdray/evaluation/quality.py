@@ -3,14 +3,14 @@
 One row of numbers per set of images: diversity (judged colours, dominant hues), closeness to the prior's
 sample distribution (KID in judge features, with the sample-vs-sample distance as its floor), crispness
 (haze, edge energy), saturation, brightness and fidelity (judge agreement, and the stricter judge
-confidence). ``benchmarks/quality.py`` fills its table with these rows; the math lives in ``pdray.metrics``.
+confidence). ``benchmarks/quality.py`` fills its table with these rows; the math lives in ``pdray.evaluation.metrics``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pdray.metrics import (
+from pdray.evaluation.metrics import (
     dominant_hue,
     edge_energy,
     entropy,

@@ -22,28 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdray.cluster.study_tasks import run_cells, study_scratch
 from pdray.config import ConfigError, RunConfig, config_to_yaml, load_config
+from pdray.evaluation.evaluate import evaluate_folder, run_config
+from pdray.evaluation.report import write_study_report
+from pdray.evaluation.study_report import write_figures, write_report
+from pdray.evaluation.tables import STUDY_METRICS
+from pdray.evaluation.tracking import log_study
 from pdray.files import write_bytes, write_text
 
-METRICS = (
-    "clip_score",
-    "clip_r_precision",
-    "clip_vendi",
-    "clip_diversity",
-    "judge_agreement",
-    "views_right",
-    "shape_right",
-    "world_kid",
-    "diversity",
-    "colour_entropy_fraction",
-    "distinct_hues",
-    "saturation",
-    "haze",
-    "wall_time_s",
-    "steps_per_s",
-)
-"""The study table's metric columns, read from each run's summary.json (or eval.json for ``pdray eval``): the CLIP
-judge's (with ``eval.clip_model``), the toy judge's (toy prior), image statistics and times."""
 FIXED_BY_STUDY = ("executor", "wandb", "ray")
 """Knobs a study sets itself: every cell runs the local executor inside its Ray task, W&B mode is --wandb."""
 
@@ -185,7 +172,7 @@ def study_row(cell: Cell, summary: dict[str, Any] | None, **extra: Any) -> dict[
     row: dict[str, Any] = {"cell": cell.name, **cell.values}
     for key in ("guidance", "cfg", "particles"):
         row[key] = summary.get(key, row.get(key))
-    row |= {k: summary.get(k) for k in METRICS}
+    row |= {k: summary.get(k) for k in STUDY_METRICS}
     row["judged_colours"] = " ".join(summary.get("judged_colours", []))
     return row | extra
 
@@ -214,11 +201,6 @@ def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
 def run_study(spec: StudySpec, study_dir: Path, resume: bool = False) -> list[dict[str, Any]]:
     """Run the grid on Ray and write the table, figures, report and the study's W&B run; returns the rows."""
     from tqdm.auto import tqdm
-
-    from pdray.cluster.study_tasks import run_cells, study_scratch
-    from pdray.report import write_study_report
-    from pdray.study_report import write_figures, write_report
-    from pdray.tracking import log_study
 
     cells = study_cells(spec)
     runs = study_dir / "runs"
@@ -297,9 +279,6 @@ def evaluate_study(study_dir: Path, overrides: list[str] | None = None) -> dict[
     then write STUDY_DIR/eval.json (the study's rows with the fresh metrics), the figures and report.html.
 
     ``overrides`` apply to every run's saved config (``eval.clip_model=...``). Returns STUDY_DIR/eval.json's content."""
-    from pdray.evaluate import evaluate_folder, run_config
-    from pdray.report import write_study_report
-    from pdray.study_report import write_figures
 
     try:
         meta = json.loads((study_dir / "study.json").read_text())
@@ -310,7 +289,7 @@ def evaluate_study(study_dir: Path, overrides: list[str] | None = None) -> dict[
         run_dir = study_dir / "runs" / row["cell"]
         if row.get("status") == "done" and (run_dir / "config.yaml").is_file():
             metrics = evaluate_folder(run_dir, run_config(run_dir, overrides), strict=True)["stages"]["nerf"]["metrics"]
-            row = row | {k: metrics.get(k) for k in METRICS if k in metrics or k.startswith("clip_")}
+            row = row | {k: metrics.get(k) for k in STUDY_METRICS if k in metrics or k.startswith("clip_")}
             row["judged_colours"] = " ".join(metrics.get("judged_colours", []))
         rows.append(row)
     report = {**meta, "cells": rows}

@@ -1,6 +1,6 @@
 """The run loop of the NeRF (or 2D) stage, for every executor: step order, logging, checkpoints, stop and resume.
 
-An executor says where particles and the score model live (one process: ``pdray.local_executor``; Ray actors:
+An executor says where particles and the score model live (one process: ``pdray.run.local_executor``; Ray actors:
 ``pdray.cluster.driver``); this loop is the only place that decides what happens when:
 
     restore the last checkpoint (resume) or write step 0's (each holder writes its shard, then the loop the manifest)
@@ -26,8 +26,11 @@ from typing import Any, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
-from pdray.cameras import Cameras
-from pdray.checkpoint import (
+from pdray.config import RunConfig, save_config
+from pdray.evaluation.evaluate import evaluate_checkpoint, evaluate_particles, load_views
+from pdray.evaluation.tracking import Tracker, WandbLabels, run_summary
+from pdray.render.cameras import Cameras
+from pdray.vsd.checkpoint import (
     checkpoint_folder,
     checkpoint_step,
     commit_checkpoint,
@@ -35,9 +38,6 @@ from pdray.checkpoint import (
     new_checkpoint_folder,
     read_manifest,
 )
-from pdray.config import RunConfig, save_config
-from pdray.evaluate import evaluate_checkpoint, evaluate_particles, load_views
-from pdray.tracking import Tracker, WandbLabels, run_summary
 
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -55,7 +55,7 @@ class Executor(Protocol):
 
     def write_checkpoint(self, folder: Path) -> tuple[dict[str, list[int]], str | None]:
         """Every holder of state writes its own shard into folder: -> ({file: particle ids}, the LoRA's file or
-        None). The loop then writes the manifest (``pdray.checkpoint``)."""
+        None). The loop then writes the manifest (``pdray.vsd.checkpoint``)."""
 
     def load_checkpoint(self, folder: Path, manifest: dict[str, Any]) -> None:
         """Every particle and the LoRA from a checkpoint's shards, each holder reading its own."""

@@ -19,11 +19,11 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.embeddings import TimestepEmbedding
 from peft import LoraConfig as PeftLoraConfig
 
-from pdray.allreduce import sum_in_order
 from pdray.config import LoraConfig
-from pdray.distill import lora_loss
 from pdray.priors.diffusion import DiffusionPrior, resolve_model, v_from_eps
 from pdray.types import LoraGrads
+from pdray.vsd.allreduce import sum_in_order
+from pdray.vsd.distill import lora_loss
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 CAMERA_DIM = 16

@@ -6,7 +6,7 @@ call. It is the reference the Ray executor is measured against, and one step rea
     fit the LoRA on the same latents         (ScoreEstimator.lora_update, VSD with a LoRA only)
     backpropagate each gradient and step     (ParticleGroup.apply)
 
-The run loop around it (checkpoints, stop, resume, evaluation) is ``pdray.run_loop``, shared with the Ray executor.
+The run loop around it (checkpoints, stop, resume, evaluation) is ``pdray.run.loop``, shared with the Ray executor.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pdray.cameras import Cameras
-from pdray.checkpoint import read_lora, read_particles, write_lora_shard, write_particle_shard
 from pdray.config import RunConfig
-from pdray.particle import ParticleGroup
+from pdray.evaluation.tracking import WandbLabels
 from pdray.priors.diffusion import load_prior
-from pdray.run_loop import run_stage
-from pdray.score import ScoreEstimator
-from pdray.tracking import WandbLabels
+from pdray.render.cameras import Cameras
+from pdray.run.loop import run_stage
+from pdray.vsd.checkpoint import read_lora, read_particles, write_lora_shard, write_particle_shard
+from pdray.vsd.particle import ParticleGroup
+from pdray.vsd.score import ScoreEstimator
 
 
 class LocalExecutor:

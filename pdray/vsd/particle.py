@@ -12,16 +12,16 @@ from pathlib import Path
 
 import torch
 
-from pdray.cameras import CameraRanges, Cameras, camera_rays, sample_cameras
-from pdray.checkpoint import load_optimizer_tensors, optimizer_tensors
 from pdray.config import RunConfig
-from pdray.distill import drop_nonfinite, surrogate_loss
 from pdray.geometry.nerf import BackgroundField, NeRFField
 from pdray.imaging import save_gif, save_png
 from pdray.priors.diffusion import DiffusionPrior
+from pdray.render.cameras import CameraRanges, Cameras, camera_rays, sample_cameras
 from pdray.render.volume import opacity_entropy_loss, orientation_loss, render_volume, sparsity_loss
 from pdray.rng import SHARED, Purpose, Stage, seeded_global, stream
 from pdray.types import RenderOut
+from pdray.vsd.checkpoint import load_optimizer_tensors, optimizer_tensors
+from pdray.vsd.distill import drop_nonfinite, surrogate_loss
 
 
 class Particle:

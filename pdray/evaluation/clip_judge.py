@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from pdray.diversity import clip_score, mean_pairwise_cosine_distance, normalise, r_precision, vendi_score
+from pdray.evaluation.diversity import clip_score, mean_pairwise_cosine_distance, normalise, r_precision, vendi_score
 from pdray.imaging import to_uint8
 from pdray.prompts import view_prompt
 
@@ -143,7 +143,7 @@ class ClipJudge:
         """The run's CLIP metrics (see the module docstring) and each particle's CLIP score.
 
         views: particle id -> its views [V, 3, H, W] in [0, 1]; view_targets: the view each of the V cameras shows
-        (``pdray.world_eval.view_targets``), for ``clip_views_right``."""
+        (``pdray.evaluation.world_eval.view_targets``), for ``clip_views_right``."""
         others = [d for d in dict.fromkeys(distractors) if d.strip().lower() != prompt.strip().lower()]
         texts = self.embed_texts([prompt, *others])
         per_view = {pid: self.embed_images(images) for pid, images in views.items()}

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import yaml
 
+from pdray.evaluation.tables import STUDY_METRICS, TABLE_METRICS
 from pdray.files import write_text
 
 REPORT = "report.html"
@@ -101,7 +102,6 @@ def _hue(value: Any) -> str:
 
 def metrics_section(evaluation: dict[str, Any]) -> list[str]:
     """eval.json's metrics, a column per stage, with the judge behind each number."""
-    from pdray.evaluate import TABLE_METRICS
 
     stages = evaluation["stages"]
     rows = []
@@ -209,9 +209,8 @@ def write_study_report(
 ) -> Path:
     """STUDY_DIR/report.html: the table (each cell linking to its run's page; metric columns that no row has are
     left out), the figures, and every run's particles."""
-    from pdray.study import METRICS
 
-    metrics = [m for m in METRICS if any(row.get(m) is not None for row in rows)]
+    metrics = [m for m in STUDY_METRICS if any(row.get(m) is not None for row in rows)]
     columns = ["cell", *dict.fromkeys([*varied, "guidance", "cfg", "particles", "seed"]), *metrics, "status"]
     table_rows = []
     for row in rows:

@@ -24,21 +24,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from pdray.cameras import CameraRanges, Cameras, sample_cameras
-from pdray.checkpoint import load_particle_tensors
 from pdray.config import RunConfig
-from pdray.distill import drop_nonfinite, surrogate_loss
-from pdray.evaluate import eval_cameras, evaluate_folder, score_views
+from pdray.evaluation.evaluate import eval_cameras, evaluate_folder, score_views
 from pdray.files import write_bytes, write_json
 from pdray.geometry.dmtet import DMTet
 from pdray.geometry.mesh import export_mesh, laplacian_smoothness, normal_consistency
 from pdray.imaging import save_gif
-from pdray.particle import NeRFParticle, build_particle, white_background
 from pdray.priors.diffusion import DiffusionPrior, load_prior
+from pdray.render.cameras import CameraRanges, Cameras, sample_cameras
 from pdray.render.surface import render_color, render_normals
 from pdray.rng import Purpose, Stage, stream
-from pdray.score import ScoreEstimator
 from pdray.types import RenderOut
+from pdray.vsd.checkpoint import load_particle_tensors
+from pdray.vsd.distill import drop_nonfinite, surrogate_loss
+from pdray.vsd.particle import NeRFParticle, build_particle, white_background
+from pdray.vsd.score import ScoreEstimator
 
 TURNTABLE_FRAMES = 24
 

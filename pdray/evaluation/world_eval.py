@@ -12,7 +12,7 @@ prompt's object from the very same cameras:
   of the particles' views to them in the judge's features, a second fidelity reference beside the prior's
   ancestral samples (which are 2D, from random cameras).
 
-CLIP's version of the view read, for any prior, is ``pdray.clip_judge.ClipJudge.view_read``.
+CLIP's version of the view read, for any prior, is ``pdray.evaluation.clip_judge.ClipJudge.view_read``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import warnings
 import torch
 from torch import nn
 
-from pdray.cameras import Cameras
 from pdray.priors.toyworld.captions import parse_prompt
 from pdray.priors.toyworld.judge import Judge
 from pdray.priors.toyworld.world import (
@@ -33,6 +32,7 @@ from pdray.priors.toyworld.world import (
     object_jitter,
     render_objects,
 )
+from pdray.render.cameras import Cameras
 
 VIEW_MARGIN = 20.0
 """Degrees an azimuth must keep from a front/side (45) or side/back (135) boundary for its view to be judged."""

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 
 from pdray.config import RunConfig
+from pdray.evaluation.report import write_run_report
+from pdray.evaluation.study_report import particle_sheet
 from pdray.files import write_json
+from pdray.imaging import to_uint8
 
 
 @dataclass(frozen=True)
@@ -63,15 +66,13 @@ class Tracker:
             return
         import wandb
 
-        from pdray.imaging import to_uint8
-
         table = wandb.Table(columns=["particle", "views"])
         for pid, views in images.items():
             table.add_data(pid, wandb.Image(to_uint8(torch.cat(list(views), dim=2))))
         self._wandb_log({"vsd_step": step, "particles": table})
 
     def log_evaluation(self, step: int, evaluation: dict[str, Any]) -> None:
-        """eval.json's content (``pdray.evaluate.evaluate_folder``) into W&B: each stage's scalar metrics as
+        """eval.json's content (``pdray.evaluation.evaluate.evaluate_folder``) into W&B: each stage's scalar metrics as
         ``eval/<stage>/<metric>``, and a table with one row per particle (views, CLIP score, hue, judged colour)."""
         if self.wandb is None:
             return
@@ -95,8 +96,6 @@ class Tracker:
     def summary(self, data: dict[str, Any]) -> None:
         """Write summary.json, log the run's last evaluation (eval.json, when there is one) to W&B and refresh
         report.html, which shows both."""
-        from pdray.report import write_run_report
-
         write_json(self.run_dir / "summary.json", data)
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in data.items() if isinstance(v, (int, float, str))})
@@ -171,8 +170,6 @@ def log_study(study_dir: Path, name: str, mode: str, meta: dict[str, Any], rows:
     """The study's own W&B run (group = the study): its table, with each run's particle sheet as an image column,
     and its figures. Each cell's run is already in the same group with its grid values in its config."""
     import wandb
-
-    from pdray.study_report import particle_sheet
 
     os.environ.setdefault("WANDB_SILENT", "true")
     run = wandb.init(

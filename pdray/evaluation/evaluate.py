@@ -4,11 +4,12 @@ Three judges, each named beside its numbers (``Evaluation.judge_of``):
 - ``toy``: with the toy prior, the toy world's judge says whether each view shows the prompt (the analogue of CLIP
   R-precision) and gives features for diversity; for NeRF particles it also reads each view's view (front / side
   / back, on mugs, chairs and houses) and shape against the world's own renders from the same cameras, and gives
-  the kernel distance to those renders (``pdray.world_eval``: is a particle a 3D object, and is it the world's);
+  the kernel distance to those renders (``pdray.evaluation.world_eval``: is a particle a 3D object, and is it the
+  world's);
 - ``clip``: with ``eval.clip_model`` set, CLIP score, CLIP R-precision, diversity and Vendi score of the
   particles' CLIP embeddings, and for NeRF particles the view read (``clip_views_right``: which of "PROMPT, front
-  view" / "side view" / "back view" each view is closest to) (``pdray.clip_judge``), for any prior;
-- ``pixels``: image statistics every prior gets: the foreground saturation of the views (``pdray.metrics``),
+  view" / "side view" / "back view" each view is closest to) (``pdray.evaluation.clip_judge``), for any prior;
+- ``pixels``: image statistics every prior gets: the foreground saturation of the views (``pdray.evaluation.metrics``),
   averaged over particles (the over-saturation symptom), their brightness, haze (faint fringe pixels per solid
   pixel), the number of distinct dominant hues, and without the toy judge a diversity fallback, the mean pairwise
   RGB distance of 32x32 renders (cruder: it also counts pose-independent colour changes).
@@ -28,17 +29,19 @@ import imageio.v3 as iio
 import torch
 import torch.nn.functional as F
 
-from pdray.cameras import Cameras, orbit_cameras
-from pdray.checkpoint import checkpoint_step
-from pdray.clip_judge import DISTRACTORS, ClipJudge, ClipNotFoundError, load_clip_judge
 from pdray.config import ConfigError, RunConfig, load_config
+from pdray.evaluation.clip_judge import DISTRACTORS, ClipJudge, ClipNotFoundError, load_clip_judge
+from pdray.evaluation.metrics import HUE_BINS, dominant_hue, foreground_brightness, foreground_saturation, haze
+from pdray.evaluation.report import write_run_report
+from pdray.evaluation.tables import TABLE_METRICS
+from pdray.evaluation.tracking import Tracker, mean_pairwise_distance
+from pdray.evaluation.world_eval import view_read, view_targets, views_matter, world_kid, world_renders
 from pdray.files import write_json
-from pdray.metrics import HUE_BINS, dominant_hue, foreground_brightness, foreground_saturation, haze
 from pdray.priors.diffusion import TOY_MODEL, TOY_MODEL_DIR
 from pdray.priors.toyworld.captions import parse_prompt
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
-from pdray.tracking import Tracker, mean_pairwise_distance
-from pdray.world_eval import view_read, view_targets, views_matter, world_kid, world_renders
+from pdray.render.cameras import Cameras, orbit_cameras
+from pdray.vsd.checkpoint import checkpoint_step
 
 EVAL_FILE = "eval.json"
 TOY_JUDGE = "the toy world's judge (a shape, colour and view classifier shipped with the toy prior)"
@@ -118,8 +121,8 @@ def orbit_of(config: RunConfig, views: dict[int, torch.Tensor]) -> Cameras:
 
 
 def world_scores(config: RunConfig, views: dict[int, torch.Tensor], judge) -> dict[str, Any]:
-    """The toy world as the reference (``pdray.world_eval``): each particle's view and shape read from the orbit's
-    front / side / back cameras, the same read on the world's own renders of the prompt's object (the ceiling),
+    """The toy world as the reference (``pdray.evaluation.world_eval``): each particle's view and shape read from the
+    orbit's front / side / back cameras, the same read on the world's own renders of the prompt's object (the ceiling),
     and the kernel distance of all the particles' views to those renders."""
     cameras = orbit_of(config, views)
     targets = view_targets(cameras)
@@ -233,8 +236,6 @@ def evaluate_folder(
     ``config`` defaults to the folder's config.yaml, ``step`` to the step its files record. A missing CLIP raises
     ClipNotFoundError when ``strict`` (``pdray eval``); otherwise (the end of a run) it is said in one line and
     recorded under ``judges``, and the other judges still judge: a finished run never fails on its evaluation."""
-    from pdray.report import write_run_report
-
     config = config or run_config(run_dir)
     judges = {"pixels": PIXELS}
     clip = None
@@ -266,29 +267,6 @@ def evaluate_folder(
     write_json(run_dir / EVAL_FILE, report)
     write_run_report(run_dir)
     return report
-
-
-TABLE_METRICS = (
-    "clip_score",
-    "clip_r_precision",
-    "clip_vendi",
-    "clip_diversity",
-    "clip_views_right",
-    "judge_agreement",
-    "judge_confidence",
-    "views_right",
-    "views_right_world",
-    "shape_right",
-    "shape_right_world",
-    "world_kid",
-    "colour_entropy_fraction",
-    "diversity",
-    "distinct_hues",
-    "saturation",
-    "brightness",
-    "haze",
-)
-"""The metrics ``pdray eval`` prints and report.html shows, in this order (those a run has)."""
 
 
 def format_evaluation(report: dict[str, Any]) -> str:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from pdray.evaluation.tables import STUDY_METRICS
 from pdray.files import atomic_path, write_text
-from pdray.study import METRICS
 
 FIGURES = "figures"
 
@@ -134,13 +134,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-REPORT_COLUMNS = ("guidance", "cfg", "particles", "seed", *METRICS, "judged_colours", "status")
+REPORT_COLUMNS = ("guidance", "cfg", "particles", "seed", *STUDY_METRICS, "judged_colours", "status")
 
 
 def markdown_table(rows: list[dict[str, Any]], varied: list[str]) -> str:
     """The table as markdown: the varied keys, then the metrics that some row has, and status."""
     columns = ["cell"] + [c for c in (*varied, *REPORT_COLUMNS) if c not in ("cell",)]
-    columns = [c for c in dict.fromkeys(columns) if c not in METRICS or any(row.get(c) is not None for row in rows)]
+    columns = [
+        c for c in dict.fromkeys(columns) if c not in STUDY_METRICS or any(row.get(c) is not None for row in rows)
+    ]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)

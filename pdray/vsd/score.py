@@ -14,9 +14,13 @@ from collections.abc import Sequence
 
 import torch
 
-from pdray.checkpoint import load_optimizer_tensors, optimizer_tensors
 from pdray.config import RunConfig
-from pdray.distill import (
+from pdray.priors.diffusion import DiffusionPrior
+from pdray.prompts import view_prompt
+from pdray.rng import SHARED, Purpose, Stage, seed_of, stream
+from pdray.types import CameraMoments, LoraGrads, RenderOut
+from pdray.vsd.checkpoint import load_optimizer_tensors, optimizer_tensors
+from pdray.vsd.distill import (
     coarse,
     gaussian_push,
     moments_fit,
@@ -26,11 +30,7 @@ from pdray.distill import (
     t_bounds,
     vsd_grad,
 )
-from pdray.priors.diffusion import DiffusionPrior
-from pdray.priors.lora import CameraLoRA, LoraDraw
-from pdray.prompts import view_prompt
-from pdray.rng import SHARED, Purpose, Stage, seed_of, stream
-from pdray.types import CameraMoments, LoraGrads, RenderOut
+from pdray.vsd.lora import CameraLoRA, LoraDraw
 
 
 def particle_runs(owners: list[int]) -> list[tuple[int, slice]]:
@@ -166,7 +166,7 @@ class ScoreEstimator:
         return self._lora("lora_apply").apply_grads(*shares)
 
     def lora_apply_summed(self, grad_sum: torch.Tensor, loss_sum: float, count: int) -> float:
-        """``lora_apply`` with the shares already summed (by the replicas' reduce-scatter, ``pdray.allreduce``)."""
+        """``lora_apply`` with the shares already summed (by the replicas' reduce-scatter, ``pdray.vsd.allreduce``)."""
         return self._lora("lora_apply").apply_summed(grad_sum, loss_sum, count)
 
     def lora_update(self, step: int, *renders: RenderOut) -> dict[str, float]:

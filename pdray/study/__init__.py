@@ -1,0 +1,1 @@
+"""Diversity studies: a grid of runs, judged and tabled together."""
