@@ -18,6 +18,7 @@ from pdray.evaluation.evaluate import score_views
 from pdray.evaluation.metrics import foreground_mask, foreground_saturation, hsv_saturation
 from pdray.evaluation.study_report import series
 from pdray.study.grid import StudySpec, cell_name, expand_grid, is_finished, parse_vary, split_values, study_cells
+from pdray.vsd.checkpoint import checkpoint_folder
 
 runner = CliRunner()
 
@@ -154,7 +155,7 @@ def test_a_2x2_grid_of_tiny_runs_fills_the_study_and_resume_skips_finished_cells
     for records in out.glob("runs/*/wandb/offline-run-*/run-*.wandb"):  # complete, not just W&B's 7-byte header
         assert records.stat().st_size > 1000, records
     assert len(list(out.glob("runs/*/wandb/offline-run-*/run-*.wandb"))) == 4
-    assert (run / "particles" / "01" / "views.png").exists() and (run / "checkpoints" / "latest").exists()
+    assert (run / "particles" / "01" / "views.png").exists() and (checkpoint_folder(run) / "manifest.json").exists()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     again = tiny_study(tiny_model, out, "--vary", "guidance=vsd,sds", "--vary", "particles=1,2")

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from pdray.cluster import submit
 from pdray.config import load_config
-from pdray.vsd.checkpoint import checkpoint_folder
+from pdray.vsd.checkpoint import checkpoint_folder, checkpoint_step
 
 runner = CliRunner()
 BIN = Path(sys.executable).parent
@@ -291,7 +291,7 @@ def test_a_stopped_job_checkpoints_first(token_head, tmp_path):
     assert status.startswith("STOPPED"), status
     logs = pdray_cli("jobs", "logs", job_id, "--address", token_head, env=client, timeout=120).stdout
     assert "checkpoint saved; continue with `pdray resume" in logs, logs[-3000:]
-    step = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())["step"]
+    step = checkpoint_step(out)
     assert 3 <= step < 500
 
 
