@@ -2,8 +2,8 @@
 back; the driver fetches small stats dicts, never a tensor: the actors write their own checkpoint shards and
 evaluation views into the run folder.
 
-    refs   = [actor.render(step)]                        # RenderOut (and moment) refs, one per actor
-    grads  = score.grads(step, None, *refs)  (num_returns=A+1)  # one gradient ref per actor, plus stats
+    refs   = [actor.render(step)]                        # RenderOut and moment refs, one per actor
+    grads  = score.grads(step, A, *moments, *renders)  (num_returns=A+1)  # a gradient ref per actor, plus stats
     lora   = score.lora_update(step, *refs)              # overlaps the particles' backward pass
     [actor.apply(step, grads[i])]                        # backward + optimiser step
 
