@@ -52,6 +52,20 @@ def test_cfg_one_equals_the_conditional_prediction(prior):
     torch.testing.assert_close(guided, eps_u + 3.0 * (eps_c - eps_u), rtol=1e-4, atol=1e-5)
 
 
+def test_view_guidance_adds_the_view_suffix_direction_to_cfg(prior):
+    torch.manual_seed(0)
+    x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+    cond, plain, uncond = prior.embed(["a cube, side view"] * 2), prior.embed(["a cube"] * 2), prior.embed([""] * 2)
+    eps_c, eps_p, eps_u = (prior.predict_eps(x_t, t, e, guidance_scale=1.0) for e in (cond, plain, uncond))
+    guided = prior.predict_eps(x_t, t, cond, uncond, 7.5, plain=plain, view_guidance=4.0)
+    torch.testing.assert_close(guided, eps_u + 7.5 * (eps_c - eps_u) + 4.0 * (eps_c - eps_p), rtol=1e-4, atol=1e-5)
+    # Scale 0 is plain CFG (no third pass), and a view-free prompt gets nothing extra.
+    cfg_only = prior.predict_eps(x_t, t, cond, uncond, 7.5)
+    torch.testing.assert_close(prior.predict_eps(x_t, t, cond, uncond, 7.5, plain=plain), cfg_only)
+    same = prior.predict_eps(x_t, t, plain, uncond, 7.5, plain=plain, view_guidance=4.0)
+    torch.testing.assert_close(same, prior.predict_eps(x_t, t, plain, uncond, 7.5), rtol=1e-4, atol=1e-5)
+
+
 def test_add_noise_matches_the_scheduler(prior):
     x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
     torch.testing.assert_close(prior.add_noise(x0, noise, t), prior.scheduler.add_noise(x0, noise, t))

@@ -180,14 +180,31 @@ class DiffusionPrior:
         guidance_scale: float = 7.5,
         class_labels: torch.Tensor | None = None,
         unet: torch.nn.Module | None = None,
+        plain: torch.Tensor | None = None,
+        view_guidance: float = 0.0,
     ) -> torch.Tensor:
         """Classifier-free-guided noise prediction in one batched UNet call; float32 [B, C, h, w].
 
         x_t: [B, C, h, w]; t: [B] integer timesteps; cond / uncond: [B, L, D] text embeddings.
         With guidance_scale == 1 (or no uncond) only the conditional pass runs. ``unet`` lets a caller
-        pass a UNet carrying adapters (the LoRA); by default the prior's own UNet is used.
+        pass a UNet carrying adapters (the LoRA); by default the prior's own UNet is used. ``plain``: the
+        embeddings of the prompts without their view suffixes; with ``view_guidance`` > 0 a third pass adds
+        ``view_guidance * (eps_cond - eps_plain)``, guidance along the view alone.
         """
         unet = unet or self.unet
+        if plain is not None and view_guidance > 0.0:
+            if uncond is None:
+                raise ValueError("view guidance needs the unconditional embeddings too")
+            labels = None if class_labels is None else torch.cat([class_labels] * 3)
+            out = unet(
+                torch.cat([x_t, x_t, x_t]).to(self.dtype),
+                torch.cat([t, t, t]),
+                encoder_hidden_states=torch.cat([uncond, cond, plain]).to(self.dtype),
+                class_labels=labels,
+            ).sample
+            eps = self.model_output_to_eps(torch.cat([x_t, x_t, x_t]), out, torch.cat([t, t, t]))
+            eps_uncond, eps_cond, eps_plain = eps.chunk(3)
+            return view_guided(eps_uncond, eps_cond, eps_plain, guidance_scale, view_guidance)
         if uncond is None or guidance_scale == 1.0:
             out = unet(
                 x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype), class_labels=class_labels
@@ -202,6 +219,19 @@ class DiffusionPrior:
         ).sample
         eps_uncond, eps_cond = self.model_output_to_eps(torch.cat([x_t, x_t]), out, torch.cat([t, t])).chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def view_guided(
+    eps_uncond: torch.Tensor,
+    eps_cond: torch.Tensor,
+    eps_plain: torch.Tensor,
+    guidance_scale: float,
+    view_guidance: float,
+) -> torch.Tensor:
+    """CFG plus guidance along the view suffix: ``eps_u + s (eps_c - eps_u) + s_view (eps_c - eps_plain)``, where
+    eps_c is conditioned on "PROMPT, VIEW view" and eps_plain on "PROMPT": the second term is the direction in which
+    the view alone moves the prediction (Perp-Neg's idea of guiding by prompt differences, without its negatives)."""
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond) + view_guidance * (eps_cond - eps_plain)
 
 
 PRIOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -148,6 +148,7 @@ class NeRFParticle(Particle):
             origins,
             dirs,
             self.config.n_samples,
+            radius=self.config.field.radius,
             shading=self.config.shading,
             generator=generator,
             random_background_prob=self.config.random_background_prob,

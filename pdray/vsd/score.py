@@ -118,13 +118,23 @@ class ScoreEstimator:
         x_t = self.prior.add_noise(z, noise, t)
         cond = self.prior.embed(self.prompts(labels))
         uncond = self.prior.embed([self.config.negative_prompt] * n)
+        view_guidance = self.config.prior.view_guidance if self.config.prior.view_dependent_prompting else 0.0
+        plain = self.prior.embed([self.config.prompt] * n) if view_guidance > 0 else None
         a = self.prior.alpha_bar(t)
         if self.config.fits_all_particles:
             z_coarse = coarse(z, self.config.gaussian_resolution)
             eps_particles = gaussian_push(noise, a, z_coarse, fit_mean, fit_variance, self.config.gaussian_repulsion)
         out, lora_time = [], 0.0
         for sl in self._chunks(renders):
-            eps_pre = self.prior.predict_eps(x_t[sl], t[sl], cond[sl], uncond[sl], self.config.cfg)
+            eps_pre = self.prior.predict_eps(
+                x_t[sl],
+                t[sl],
+                cond[sl],
+                uncond[sl],
+                self.config.cfg,
+                plain=plain[sl] if plain is not None else None,
+                view_guidance=view_guidance,
+            )
             if self.config.guidance == "sds":
                 out.append(sds_grad(eps_pre, noise[sl], a[sl]))
             elif self.lora is None:
