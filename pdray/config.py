@@ -45,6 +45,9 @@ class PriorConfig(Section):
     """UNet / VAE precision: auto is float16 on CUDA and float32 on the CPU."""
     view_dependent_prompting: bool = True
     """Append ", front view" / ", side view" / ", back view" / ", overhead view" by camera azimuth (DreamFusion)."""
+    view_guidance: Annotated[float, Field(ge=0)] = 0.0
+    """Extra guidance along the view suffix: adds ``view_guidance * (eps(prompt, view) - eps(prompt))`` to the guided
+    prediction (one more UNet pass per latent), so the camera's view binds harder than the prompt's own CFG binds it."""
 
 
 class TRange(BaseModel):
@@ -218,9 +221,10 @@ class RunConfig(Section):
     """Variational score distillation (ProlificDreamer) or score distillation sampling (DreamFusion)."""
     cfg: Annotated[float, Field(ge=1.0)] = 7.5
     """Classifier-free guidance scale of the pretrained prediction (paper: 7.5 for VSD, 100 for SDS)."""
-    particle_score: Literal["gaussian", "lora"] = "gaussian"
+    particle_score: Literal["auto", "gaussian", "lora"] = "auto"
     """VSD's score of the particles' own renders: "gaussian", a Gaussian fitted to their latents at each shared
-    camera (closed form, nothing trained); "lora", the paper's camera-conditioned LoRA fitted alongside."""
+    camera (closed form, nothing trained); "lora", the paper's camera-conditioned LoRA fitted alongside; "auto", the
+    Gaussian for two or more particles and the LoRA for one (a Gaussian fitted to one latent is SDS)."""
     gaussian_repulsion: Annotated[float, Field(ge=0.0)] = 0.5
     """Scale of the Gaussian particle score's push away from the particles' mean (1: the fit's own; 0: SDS; 0.5 kept
     the toy world's tones where 1 made them neon, README "Particles that are 3D")."""
@@ -280,16 +284,23 @@ class RunConfig(Section):
         return "off" if value is False else value
 
     @property
+    def particle_score_used(self) -> Literal["gaussian", "lora"]:
+        """The particle score this run uses: ``particle_score`` with "auto" resolved by the particle count."""
+        if self.particle_score != "auto":
+            return self.particle_score
+        return "lora" if self.particles == 1 else "gaussian"
+
+    @property
     def trains_lora(self) -> bool:
         """VSD with the CameraLoRA as the particles' score: a LoRA is trained beside the particles."""
-        return self.guidance == "vsd" and self.particle_score == "lora"
+        return self.guidance == "vsd" and self.particle_score_used == "lora"
 
     @property
     def estimator(self) -> str:
         """What scores the particles' own renders, in words for summary.json and the run's first line."""
         if self.guidance == "sds":
             return "sds: the sampled noise (DreamFusion)"
-        if self.particle_score == "lora":
+        if self.particle_score_used == "lora":
             return "vsd with the camera-conditioned LoRA (ProlificDreamer)"
         if self.particles == 1:
             return "sds: a Gaussian fitted to one particle has no spread, so this is SDS (particle_score=lora: VSD)"
@@ -299,7 +310,7 @@ class RunConfig(Section):
     def fits_all_particles(self) -> bool:
         """VSD with the Gaussian particle score: scoring one particle needs every particle's latents (the fit), so
         a score replica is sent every render of a step and scores only those it serves."""
-        return self.guidance == "vsd" and self.particle_score == "gaussian"
+        return self.guidance == "vsd" and self.particle_score_used == "gaussian"
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> RunConfig:

@@ -127,9 +127,19 @@ def test_a_partial_override_of_a_nested_section_keeps_the_run_defaults_of_its_ot
 
 
 def test_the_estimator_is_said_plainly_and_one_gaussian_particle_is_sds():
-    assert load_config("default", ["particles=1"]).estimator.startswith("sds: a Gaussian fitted to one particle")
+    gaussian_one = load_config("default", ["particles=1", "particle_score=gaussian"])
+    assert gaussian_one.estimator.startswith("sds: a Gaussian fitted to one particle") and not gaussian_one.trains_lora
     assert load_config("default", ["particles=4"]).estimator.startswith("vsd with a Gaussian")
     assert load_config("default", ["particles=1", "particle_score=lora"]).estimator.startswith("vsd with the camera")
+
+
+def test_auto_fits_a_gaussian_to_many_particles_and_trains_the_lora_for_one():
+    many, one = load_config("default", ["particles=2"]), load_config("default", ["particles=1"])
+    assert many.particle_score == one.particle_score == "auto"
+    assert (many.particle_score_used, many.fits_all_particles, many.trains_lora) == ("gaussian", True, False)
+    assert (one.particle_score_used, one.fits_all_particles, one.trains_lora) == ("lora", False, True)
+    assert one.estimator.startswith("vsd with the camera")
+    assert not load_config("default", ["particles=1", "guidance=sds"]).trains_lora
     assert load_config("sds").estimator.startswith("sds: the sampled noise")
 
 

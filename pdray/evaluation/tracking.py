@@ -155,7 +155,7 @@ def run_summary(config: RunConfig, executor: str, wall: float, steps_run: int, t
         "prompt": config.prompt,
         "particles": config.particles,
         "guidance": config.guidance,
-        "particle_score": config.particle_score if config.guidance == "vsd" else None,
+        "particle_score": config.particle_score_used if config.guidance == "vsd" else None,
         "estimator": config.estimator,
         "cfg": config.cfg,
         "executor": executor,
