@@ -10,7 +10,8 @@ benchmark can be stopped and continued. Per prompt and variant, the mean over se
 
 - views: the toy judge's view read right at the orbit's front / side / back cameras, as a fraction of the same read
   on the world's own renders from those cameras (the ceiling; mugs, chairs and houses only);
-- shape: views judged the prompt's shape; wkid: kernel distance of the views to the world's renders in the judge's
+- shape: views judged the prompt's shape; same: views judged their particle's own colour (the world's objects are one
+  colour all round); wkid: kernel distance of the views to the world's renders in the judge's
   features (``pdray.evaluation.world_eval.world_kid``; lower is closer, about 0 for the world's own renders);
 - value / sat: foreground brightness and saturation over the prior's ancestral samples' (DDIM 50, CFG 7.5);
 - colour H: entropy of the judged colours over log 6, beside the samples' for as many draws as particles;
@@ -43,7 +44,7 @@ from pdray.priors.toyworld.world import VIEWS
 from pdray.prompts import view_prompt
 from pdray.run.local_executor import run_local
 
-COLUMNS = ("views", "shape", "wkid", "value", "sat", "colourH", "haze", "seconds")
+COLUMNS = ("views", "shape", "same", "wkid", "value", "sat", "colourH", "haze", "seconds")
 
 
 def slug(text: str) -> str:
@@ -123,6 +124,7 @@ def cell(runs: list[dict], reference: dict) -> dict:
         "views": None if views is None or not ceiling else views / ceiling,
         "views_right": views,
         "shape": mean([r.get("shape_right") for r in runs]),
+        "same": mean([r.get("colour_consistency") for r in runs]),
         "wkid": mean([r.get("world_kid") for r in runs]),
         "value": mean([r["brightness"] / reference["brightness"] for r in runs]),
         "sat": mean([r["saturation"] / reference["saturation"] for r in runs]),

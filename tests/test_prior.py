@@ -58,9 +58,14 @@ def test_view_guidance_adds_the_view_suffix_direction_to_cfg(prior):
     cond, plain, uncond = prior.embed(["a cube, side view"] * 2), prior.embed(["a cube"] * 2), prior.embed([""] * 2)
     eps_c, eps_p, eps_u = (prior.predict_eps(x_t, t, e, guidance_scale=1.0) for e in (cond, plain, uncond))
     guided = prior.predict_eps(x_t, t, cond, uncond, 7.5, plain=plain, view_guidance=4.0)
-    torch.testing.assert_close(guided, eps_u + 7.5 * (eps_c - eps_u) + 4.0 * (eps_c - eps_p), rtol=1e-4, atol=1e-5)
-    # Scale 0 is plain CFG (no third pass), and a view-free prompt gets nothing extra.
+    view = eps_c - eps_p
+    expected = eps_u + 7.5 * (eps_c - eps_u) + 4.0 * (view - view.mean(dim=(2, 3), keepdim=True))
+    torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
+    # The view moves where things are, not the tone: each channel's mean is plain CFG's.
     cfg_only = prior.predict_eps(x_t, t, cond, uncond, 7.5)
+    torch.testing.assert_close(guided.mean(dim=(2, 3)), cfg_only.mean(dim=(2, 3)), rtol=1e-4, atol=1e-5)
+    assert (guided - cfg_only).abs().max() > 1e-3
+    # Scale 0 is plain CFG (no third pass), and a view-free prompt gets nothing extra.
     torch.testing.assert_close(prior.predict_eps(x_t, t, cond, uncond, 7.5, plain=plain), cfg_only)
     same = prior.predict_eps(x_t, t, plain, uncond, 7.5, plain=plain, view_guidance=4.0)
     torch.testing.assert_close(same, prior.predict_eps(x_t, t, plain, uncond, 7.5), rtol=1e-4, atol=1e-5)

@@ -92,16 +92,20 @@ def score_views(config: RunConfig, views: dict[int, torch.Tensor]) -> dict[str, 
     }
     if config.prior.model == TOY_MODEL and (TOY_MODEL_DIR / "judge").exists():
         judge = load_judge(TOY_MODEL_DIR / "judge")
-        agreement, confidence, colours, features = {}, [], [], []
+        agreement, confidence, colours, features, same_colour = {}, [], [], [], []
         for pid, images in views.items():
             agreement[pid] = float(judge.agreement(images, config.prompt).mean())
             confidence.append(float(judge.confidence(images, config.prompt).mean()))
-            colours.append(judge.dominant_colour(images))
+            per_view = judge.classify(images)["colour"]
+            colours.append(max(dict.fromkeys(per_view), key=per_view.count))
+            same_colour.append(per_view.count(colours[-1]) / len(per_view))
             features.append(judge.features(images).mean(0))
         result["judge_agreement"] = sum(agreement.values()) / len(agreement)
         result["judge_agreement_per_particle"] = agreement
         result["judge_confidence"] = sum(confidence) / len(confidence)
         result["judged_colours"] = colours
+        # The world's objects are one colour all round: a particle painted per view is not one 3D object.
+        result["colour_consistency"] = sum(same_colour) / len(same_colour)
         result["colour_entropy"] = colour_entropy(colours)
         result["colour_entropy_fraction"] = colour_entropy(colours) / max_colour_entropy()
         result["diversity"] = mean_pairwise_distance(torch.stack(features))

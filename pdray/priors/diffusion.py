@@ -189,7 +189,7 @@ class DiffusionPrior:
         With guidance_scale == 1 (or no uncond) only the conditional pass runs. ``unet`` lets a caller
         pass a UNet carrying adapters (the LoRA); by default the prior's own UNet is used. ``plain``: the
         embeddings of the prompts without their view suffixes; with ``view_guidance`` > 0 a third pass adds
-        ``view_guidance * (eps_cond - eps_plain)``, guidance along the view alone.
+        guidance along the view alone (``view_guided``).
         """
         unet = unet or self.unet
         if plain is not None and view_guidance > 0.0:
@@ -228,10 +228,14 @@ def view_guided(
     guidance_scale: float,
     view_guidance: float,
 ) -> torch.Tensor:
-    """CFG plus guidance along the view suffix: ``eps_u + s (eps_c - eps_u) + s_view (eps_c - eps_plain)``, where
-    eps_c is conditioned on "PROMPT, VIEW view" and eps_plain on "PROMPT": the second term is the direction in which
-    the view alone moves the prediction (Perp-Neg's idea of guiding by prompt differences, without its negatives)."""
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond) + view_guidance * (eps_cond - eps_plain)
+    """CFG plus guidance along the view suffix: ``eps_u + s (eps_c - eps_u) + s_view (d - mean(d))``, with
+    ``d = eps_c - eps_plain``, eps_c conditioned on "PROMPT, VIEW view" and eps_plain on "PROMPT" (Perp-Neg's idea of
+    guiding by a prompt difference, without its negatives). The difference's per-channel spatial mean, the tone a view
+    prompt shifts, is removed: the view guides where things are (the door on the front), CFG alone sets the colour,
+    so a particle stays one colour all round (uncentred, a quarter of the toy houses' views changed colour)."""
+    view = eps_cond - eps_plain
+    view = view - view.mean(dim=(-2, -1), keepdim=True)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond) + view_guidance * view
 
 
 PRIOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -19,8 +19,11 @@ def sample_images(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    plain_prompts: list[str] | None = None,
+    view_guidance: float = 0.0,
 ) -> torch.Tensor:
-    """One DDIM sample (eta 0) per prompt; returns images [N, 3, H, W] in [0, 1] on the CPU."""
+    """One DDIM sample (eta 0) per prompt; returns images [N, 3, H, W] in [0, 1] on the CPU. ``plain_prompts``: the
+    prompts without their view suffixes, for ``view_guidance`` (``DiffusionPrior.predict_eps``)."""
     scheduler = DDIMScheduler.from_config(prior.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
     res = prior.unet_config["sample_size"]
@@ -31,12 +34,13 @@ def sample_images(
         x = latents[start : start + batch_size].to(prior.device) * scheduler.init_noise_sigma
         cond = prior.embed(chunk)
         uncond = prior.embed([negative_prompt] * len(chunk))
+        plain = prior.embed(plain_prompts[start : start + batch_size]) if plain_prompts is not None else None
         scheduler.set_timesteps(steps, device=prior.device)
         for t in tqdm(
             scheduler.timesteps, desc=f"sample {start + len(chunk)}/{len(prompts)}", disable=not progress, leave=False
         ):
             t_batch = t.expand(len(chunk))
-            eps = prior.predict_eps(x, t_batch, cond, uncond, cfg)
+            eps = prior.predict_eps(x, t_batch, cond, uncond, cfg, plain=plain, view_guidance=view_guidance)
             if prior.prediction_type == "v_prediction":  # DDIM steps in the model's own parameterisation
                 eps = v_from_eps(x.float(), eps, prior.alpha_bar(t_batch))
             x = scheduler.step(eps.to(x.dtype), t, x).prev_sample

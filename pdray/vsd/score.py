@@ -118,7 +118,8 @@ class ScoreEstimator:
         x_t = self.prior.add_noise(z, noise, t)
         cond = self.prior.embed(self.prompts(labels))
         uncond = self.prior.embed([self.config.negative_prompt] * n)
-        view_guidance = self.config.prior.view_guidance if self.config.prior.view_dependent_prompting else 0.0
+        views = self.config.prior.view_dependent_prompting and any(label is not None for label in labels)
+        view_guidance = self.config.prior.view_guidance if views else 0.0  # images without cameras have no views
         plain = self.prior.embed([self.config.prompt] * n) if view_guidance > 0 else None
         a = self.prior.alpha_bar(t)
         if self.config.fits_all_particles:
