@@ -181,9 +181,9 @@ def main() -> None:
             (out / "table.json").write_text(json.dumps(table, indent=2))
             write_sheet(sheet, out / f"sheet_{slug(prompt)}-x{args.particles}.png")
     lines = ["| prompt / variant | seeds | " + " | ".join(COLUMNS) + " | colour H samples | views samples |"]
-    lines.append("|" + "---|" * 12)
+    lines.append("|" + "---|" * (len(COLUMNS) + 4))
     for key, row in table.items():
-        values = " | ".join(fmt(row[c]) for c in COLUMNS)
+        values = " | ".join(fmt(row.get(c)) for c in COLUMNS)
         samples = f"{fmt(row['colourH_samples'])} | {fmt(row.get('views_right_samples'))}"
         lines.append(f"| {key} | {row['seeds']} | {values} | {samples} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
