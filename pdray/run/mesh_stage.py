@@ -95,8 +95,6 @@ class MeshStage:
             "particle_score": "lora",  # one particle per task: a Gaussian fit to one latent is SDS
             "cfg": cfg,
             "t_range": self.mesh.t_range,
-            # the NeRF carved the views; the mesh keeps its shape and colours (view guidance would cost a UNet pass)
-            "prior": self.config.prior.model_copy(update={"view_guidance": 0.0}),
         }
         return ScoreEstimator(self.config.model_copy(update=update), self.prior, stage)
 
