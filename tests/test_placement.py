@@ -17,6 +17,13 @@ def test_cpu_only_splits_the_cpus():
     p = plan_placement(Resources(cpus=2), particles=8)  # two actors fill the core the ScoreActor leaves idle
     assert p.actors == [[0, 1, 2, 3], [4, 5, 6, 7]] and p.score_cpus == 1 and p.actor_cpus == 0.5
     assert plan_placement(Resources(cpus=2), particles=1).actors == [[0]]
+    # the particle actors wait for their gradients: the ScoreActor's grads run on their CPUs too, on one node only
+    assert p.grads_cpus == 2 and plan_placement(Resources(cpus=16), particles=8).grads_cpus == 16
+    assert plan_placement(Resources(cpus=32, nodes=2, max_node_cpus=16), particles=8).grads_cpus == 16
+    assert plan_placement(Resources(cpus=8, gpus=1), particles=8).grads_cpus == 1
+    assert plan_placement(Resources(cpus=4), particles=8, replicas=2).grads_cpus == 2
+    assert plan_placement(Resources(cpus=2), particles=8, borrow_idle_cpus=False).grads_cpus == 1
+    assert plan_placement(Resources(cpus=4), particles=8, replicas=2, borrow_idle_cpus=False).grads_cpus == 1
     with pytest.raises(ValueError, match="at least 2 CPUs"):
         plan_placement(Resources(cpus=1), particles=2)
 

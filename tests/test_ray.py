@@ -36,6 +36,7 @@ def ray_config(model, *overrides):
             "eval_views=2",
             "wandb=offline",
             "particle_score=lora",  # the LoRA's state must survive actor loss and resume too
+            "ray.borrow_idle_cpus=false",  # one thread per actor: runs on other placements agree to float rounding
             *overrides,
         ],
     )
@@ -271,3 +272,15 @@ def test_a_ray_run_stopped_by_sigint_resumes_to_exactly_the_uninterrupted_run(re
     assert worst <= 1e-5, worst
     print(f"ray: resumed run vs uninterrupted, max |difference| {worst:.3g}")
     assert [m["step"] for m in logged(tmp_path)] == list(range(1, STEPS + 1))
+
+
+def test_the_scoreactor_borrows_the_waiting_cpus_and_resumes_exactly(local_ray, tiny_model, tmp_path):
+    """The default on a one-node CPU cluster: grads on the particle actors' CPUs too, and resume still exact."""
+    from pdray.cluster.driver import run_ray
+
+    config = ray_config(tiny_model, "ray.borrow_idle_cpus=true", f"steps={STEPS}")
+    whole = run_ray(config, tmp_path / "whole")
+    assert whole["placement"]["grads_cpus"] == 2 and whole["placement"]["score_cpus"] == 1
+    run_ray(config.model_copy(update={"steps": STEPS // 2}), tmp_path / "halves")
+    run_ray(config, tmp_path / "halves", resume=True)
+    assert_same_checkpoint(tmp_path / "halves", tmp_path / "whole")

@@ -98,6 +98,7 @@ class RayExecutor:
             config.ray.actors,
             config.ray.gpus_per_actor,
             config.ray.score_replicas,
+            config.ray.borrow_idle_cpus,
         )
         print(f"placement: {self.placement.describe()}", flush=True)
         self.pg = placement_group(self.placement.bundles, strategy=self.placement.strategy)
@@ -116,7 +117,7 @@ class RayExecutor:
 
         plan = self.placement
         self.scores = [
-            placed(ScoreActor, plan.score_cpus, plan.score_gpus, bundle).remote(spec, plan.score_cpus)
+            placed(ScoreActor, plan.score_cpus, plan.score_gpus, bundle).remote(spec, plan.score_cpus, plan.grads_cpus)
             for bundle in plan.score_bundles
         ]
         self.actors = [

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 import torch
@@ -29,6 +31,17 @@ class LostStateError(RuntimeError):
 
 def actor_threads(num_cpus: float) -> int:
     return max(1, int(num_cpus))
+
+
+@contextmanager
+def borrowed_threads(num_cpus: float) -> Iterator[None]:
+    """Run the block on ``num_cpus`` threads (CPUs that other actors leave idle meanwhile), then on the actor's own."""
+    own = torch.get_num_threads()
+    torch.set_num_threads(actor_threads(num_cpus))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(own)
 
 
 def actor_runtime_env(num_cpus: float) -> dict:

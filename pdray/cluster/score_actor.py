@@ -3,7 +3,8 @@ actors (all of them with one replica).
 
 ``grads`` takes the particle actors' RenderOut refs (and, for the Gaussian particle score, the per-camera moments
 it is fitted from) as top-level arguments (Ray resolves them store to store; the driver never fetches a tensor) and
-returns one gradient per served actor plus stats, split with num_returns. With one replica, ``lora_update`` runs
+returns one gradient per served actor plus stats, split with num_returns; it runs on the CPUs of the waiting
+particle actors too (``Placement.grads_cpus``). With one replica, ``lora_update`` runs
 while the particle actors backpropagate. With R replicas, each LoRA step is an all-reduce through the object store
 (``pdray.vsd.allreduce``): ``lora_grads`` on every replica (its actors' gradient shares, summed there and cut into R
 pieces), ``lora_reduce`` on replica j (piece j of every replica, summed), then ``lora_apply`` on every replica with
@@ -23,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from pdray.cluster.lifecycle import ActorBase
+from pdray.cluster.lifecycle import ActorBase, borrowed_threads
 from pdray.config import RunConfig
 from pdray.priors.diffusion import load_prior
 from pdray.types import CameraMoments, RenderOut
@@ -49,8 +50,9 @@ def from_wire(array: np.ndarray) -> torch.Tensor:
 
 @ray.remote
 class ScoreActor(ActorBase):
-    def __init__(self, config: dict, num_cpus: float):
+    def __init__(self, config: dict, num_cpus: float, grads_cpus: float | None = None):
         super().__init__(num_cpus, "the ScoreActor")
+        self.grads_cpus = grads_cpus or num_cpus  # the particle actors wait for grads: their CPUs are free
         self.config = RunConfig.model_validate(config)
         self.score = ScoreEstimator(self.config, load_prior(self.config.prior))
 
@@ -60,7 +62,8 @@ class ScoreActor(ActorBase):
         is fitted from, added in order; the rest are this replica's renders."""
         self.check()
         moments = add_moments(*moments_and_renders[:fits]) if fits else None
-        grads, stats = self.score.grads(step, *moments_and_renders[fits:], moments=moments)
+        with borrowed_threads(self.grads_cpus):
+            grads, stats = self.score.grads(step, *moments_and_renders[fits:], moments=moments)
         return (*grads, stats | {"bytes/grads": sum(g.nbytes for g in grads)})
 
     def add_moments(self, *moments: CameraMoments) -> CameraMoments:
