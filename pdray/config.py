@@ -175,6 +175,9 @@ class RayConfig(Section):
 class MeshConfig(Section):
     tet_resolution: Annotated[int, Field(ge=2)] = 32
     """Cells per side of the DMTet grid (paper: 128)."""
+    fit_grid: bool = True
+    """The DMTet grid spans the smallest origin-centred cube holding the NeRF's surface (plus a margin), not the
+    field's whole bounding cube: the same cells, finer on the object (the paper's grid spans the bounding cube)."""
     threshold: Positive = 2.0
     """NeRF density at which the surface is extracted: inside where density > threshold (paper: 25)."""
     geometry_steps: Annotated[int, Field(ge=0)] = 100

@@ -67,3 +67,20 @@ def test_mesh_is_differentiable_and_deformation_is_bounded() -> None:
     half_cell = 2 * grid.radius / grid.resolution / 2
     assert (grid.vertices() - grid.grid_verts).abs().max() <= half_cell + 1e-6
     assert set(grid.state_dict()) == {"sdf", "deform"}
+
+
+def test_the_fitted_grid_holds_the_object_and_no_more() -> None:
+    """A sphere of radius 0.3 in a field of radius 1: the cube holds it with a margin of three probe cells, so a
+    DMTet of the same resolution over it meshes the sphere about 3x finer and as closed; an empty field keeps the
+    whole cube, and the fit never exceeds it."""
+    sphere = lambda x: 1.0 - x.norm(dim=-1) / 0.3  # noqa: E731 - density above 0 inside the sphere
+    fitted = dmtet.occupied_radius(sphere, 1.0, threshold=0.0)
+    assert 0.3 < fitted <= 0.3 + 3 * 2 / 64 + 1e-6
+    assert dmtet.occupied_radius(lambda x: torch.zeros(len(x)), 1.0, threshold=0.0) == 1.0
+    assert dmtet.occupied_radius(lambda x: torch.ones(len(x)), 0.5, threshold=0.0) == 0.5
+    coarse, fine = DMTet(resolution=8), DMTet(resolution=8, radius=fitted)
+    for grid in (coarse, fine):
+        grid.init_sdf_from_density(sphere, threshold=0.0)
+    (cv, cf), (fv, ff) = coarse(), fine()
+    assert len(ff) > 4 * len(cf) and as_trimesh(fv, ff).is_watertight
+    assert float((fv.norm(dim=-1) - 0.3).abs().max()) < float((cv.norm(dim=-1) - 0.3).abs().max())

@@ -128,6 +128,24 @@ def marching_tetrahedra(
     return mesh_verts, faces
 
 
+@torch.no_grad()
+def occupied_radius(
+    density_fn: DensityFn, radius: float, threshold: float, probe: int = 64, margin_cells: int = 3
+) -> float:
+    """Half the side of the smallest origin-centred cube holding every point of ``[-radius, radius]^3`` where the
+    density exceeds ``threshold``, read on a ``probe``^3 lattice and padded by ``margin_cells`` of its cells (capped
+    at ``radius``; ``radius`` when nothing is occupied). A DMTet grid over this cube spends its cells on the object
+    rather than on the empty rest of the field's bounding cube."""
+    axis = torch.linspace(-radius, radius, probe + 1)
+    points = torch.cartesian_prod(axis, axis, axis)
+    density = torch.cat([density_fn(part).reshape(-1) for part in points.split(1 << 16)])
+    occupied = points[density > threshold]
+    if len(occupied) == 0:
+        return radius
+    extent = float(occupied.abs().max()) + margin_cells * 2 * radius / probe
+    return min(radius, extent)
+
+
 class DMTet(nn.Module):
     """A tetrahedral grid with a learnable SDF and a learnable, bounded deformation per vertex.
 

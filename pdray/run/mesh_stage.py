@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pdray.config import RunConfig
 from pdray.evaluation.evaluate import eval_cameras, evaluate_folder, score_views
 from pdray.files import write_bytes, write_json
-from pdray.geometry.dmtet import DMTet
+from pdray.geometry.dmtet import DMTet, occupied_radius
 from pdray.geometry.mesh import export_mesh, laplacian_smoothness, normal_consistency
 from pdray.imaging import save_gif
 from pdray.priors.diffusion import DiffusionPrior, load_prior
@@ -58,7 +58,10 @@ class MeshStage:
         self.config, self.mesh, self.prior, self.particle_id = config, config.mesh, prior, particle_id
         device = prior.device
         field = particle.field
-        self.dmtet = DMTet(self.mesh.tet_resolution, field.config.radius).to(device)
+        radius = field.config.radius
+        if self.mesh.fit_grid:
+            radius = occupied_radius(field.density, radius, self.mesh.threshold)
+        self.dmtet = DMTet(self.mesh.tet_resolution, radius).to(device)
         self.dmtet.init_sdf_from_density(field.density, self.mesh.threshold)
         if not (self.dmtet.signed_distance() < 0).any():
             with torch.no_grad():
