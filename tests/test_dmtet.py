@@ -81,6 +81,7 @@ def test_the_fitted_grid_holds_the_object_and_no_more() -> None:
     coarse, fine = DMTet(resolution=8), DMTet(resolution=8, radius=fitted)
     for grid in (coarse, fine):
         grid.init_sdf_from_density(sphere, threshold=0.0)
-    (cv, cf), (fv, ff) = coarse(), fine()
+    with torch.no_grad():
+        (cv, cf), (fv, ff) = coarse(), fine()
     assert len(ff) > 4 * len(cf) and as_trimesh(fv, ff).is_watertight
     assert float((fv.norm(dim=-1) - 0.3).abs().max()) < float((cv.norm(dim=-1) - 0.3).abs().max())
