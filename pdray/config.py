@@ -76,7 +76,7 @@ class LoraConfig(Section):
     alpha: Annotated[float, Field(gt=0)] = 4.0
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
     lr: Annotated[float, Field(gt=0)] = 3e-3
-    """AdamW learning rate of the LoRA and the camera embedding (paper: 1e-4 over 25000 steps; a toy run's 800 steps
+    """AdamW learning rate of the LoRA and the camera embedding (paper: 1e-4 over 25000 steps; a toy run's 600 steps
     need 3e-3, README "Particles that are 3D")."""
     camera_condition: bool = True
     """Condition the LoRA on the camera (flattened 4x4 camera-to-world matrix through a class embedding)."""
@@ -243,8 +243,9 @@ class RunConfig(Section):
     grid (colour and layout), finer detail gets SDS's score of the particle itself; none: every latent pixel."""
     seed: Annotated[int, Field(ge=0)] = 0
     """Seed of every random stream (each particle derives its own)."""
-    steps: Annotated[int, Field(ge=1)] = 800
-    """Optimisation steps of the NeRF (or 2D) stage (the toy NeRFs' views need 800 at 4 views per step)."""
+    steps: Annotated[int, Field(ge=1)] = 600
+    """Optimisation steps of the NeRF (or 2D) stage (the toy NeRFs' views need 600 at 4 views per step; 400 are
+    too few, 800 measured no better: README "Particles that are 3D")."""
     particle: Literal["nerf", "image"] = "nerf"
     """3D NeRF particles, or 2D image particles (the paper's 2D experiments)."""
     stages: list[Literal["nerf", "mesh"]] = ["nerf", "mesh"]

@@ -11,7 +11,7 @@ def test_defaults_are_the_papers():
     assert cfg.cfg == 7.5 and cfg.lora.rank == 4 and cfg.lora.camera_dropout == 0.1
     assert cfg.t_range.start == (0.02, 0.98) and cfg.t_range.end == (0.02, 0.5)
     assert cfg.guidance == "vsd" and cfg.prior.model == "toyworld"
-    # A toy run's 800 steps need a faster LoRA than the paper's 25000; the paper's preset keeps its 1e-4.
+    # A toy run's 600 steps need a faster LoRA than the paper's 25000; the paper's preset keeps its 1e-4.
     assert cfg.lora.lr == 3e-3 and paper.lora.lr == 1e-4 and paper.steps == 25000
 
 
