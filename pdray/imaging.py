@@ -7,6 +7,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import torch
+from PIL import Image, ImageSequence
 
 from pdray.files import write_bytes
 
@@ -23,5 +24,16 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 def save_gif(frames: torch.Tensor, path: Path, fps: int = 12) -> None:
-    """frames [N, 3, H, W] in [0, 1]: a looping GIF."""
+    """frames [N, 3, H, W] in [0, 1]: a looping GIF (``load_gif`` reads all N back)."""
     write_bytes(path, iio.imwrite("<bytes>", to_uint8(frames), extension=".gif", duration=1000 / fps, loop=0))
+
+
+def load_gif(path: Path, fps: int = 12) -> np.ndarray:
+    """Every frame ``save_gif(..., fps)`` wrote, uint8 [N, H, W, 3]. Pillow stores a run of identical frames as one
+    frame shown for the run's total duration, so each stored frame is repeated duration x fps / 1000 times."""
+    frames = []
+    with Image.open(path) as gif:
+        for frame in ImageSequence.Iterator(gif):
+            repeats = max(1, round(frame.info.get("duration", 1000 / fps) * fps / 1000))
+            frames += [np.asarray(frame.convert("RGB"))] * repeats
+    return np.stack(frames)

@@ -14,6 +14,7 @@ from pdray.cli.main import app
 from typer.testing import CliRunner
 
 from pdray.evaluation.diversity import clip_score, mean_pairwise_cosine_distance, normalise, r_precision, vendi_score
+from pdray.imaging import load_gif, save_gif
 
 runner = CliRunner()
 
@@ -270,3 +271,15 @@ def test_a_house_alike_from_every_side_reads_wrong_views_beside_the_worlds_ceili
     assert 0.0 <= metrics["clip_views_right"] <= 1.0
     assert [row["views_right"] for row in nerf["particles"]] == [1.0, 0.25]
     assert "views_right" in (tmp_path / "report.html").read_text()
+
+
+def test_a_turntable_with_still_frames_reads_back_every_frame(tmp_path: Path) -> None:
+    """Pillow stores a run of identical GIF frames as one longer frame; a still (e.g. a symmetric) mesh turntable
+    must still read back as one view per camera, or particles get different view counts."""
+    frames = torch.rand(6, 3, 8, 8)
+    frames[1:4] = frames[1]  # frames 1, 2 and 3 are the same image
+    save_gif(frames, tmp_path / "t.gif")
+    loaded = torch.from_numpy(load_gif(tmp_path / "t.gif")).permute(0, 3, 1, 2).float() / 255
+    assert loaded.shape == (6, 3, 8, 8)
+    assert torch.equal(loaded[1], loaded[3]) and not torch.equal(loaded[0], loaded[1])
+    assert (loaded - frames).abs().max() < 0.1  # the GIF's palette quantises

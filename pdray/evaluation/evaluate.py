@@ -37,6 +37,7 @@ from pdray.evaluation.tables import TABLE_METRICS
 from pdray.evaluation.tracking import Tracker, mean_pairwise_distance
 from pdray.evaluation.world_eval import view_read, view_targets, views_matter, world_kid, world_renders
 from pdray.files import write_json
+from pdray.imaging import load_gif
 from pdray.priors.diffusion import TOY_MODEL, TOY_MODEL_DIR
 from pdray.priors.toyworld.captions import parse_prompt
 from pdray.priors.toyworld.judge import colour_entropy, load_judge, max_colour_entropy
@@ -194,7 +195,7 @@ def judge_views(config: RunConfig, views: dict[int, torch.Tensor], clip: ClipJud
 
 def _frames(path: Path) -> torch.Tensor:
     """An image file (a PNG row of square views, or a GIF's frames) -> [V, 3, H, H] in [0, 1]."""
-    array = torch.from_numpy(iio.imread(path, index=None if path.suffix == ".gif" else 0))[..., :3]
+    array = torch.from_numpy(load_gif(path) if path.suffix == ".gif" else iio.imread(path, index=0))[..., :3]
     if array.ndim == 3:  # one PNG strip of square views side by side
         h = array.shape[0]
         array = array.unflatten(1, (array.shape[1] // h, h)).movedim(1, 0)
