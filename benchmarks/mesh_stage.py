@@ -15,17 +15,17 @@ import json
 import time
 from pathlib import Path
 
-import imageio.v3 as iio
 import torch
 
 from pdray.config import load_config
+from pdray.imaging import load_gif
 from pdray.priors.diffusion import TOY_MODEL_DIR
 from pdray.priors.toyworld.judge import load_judge
 
 
 def frames(path: Path) -> torch.Tensor:
     """A turntable GIF as [N, 3, H, W] in [0, 1]."""
-    return torch.from_numpy(iio.imread(path)[..., :3].copy()).permute(0, 3, 1, 2).float() / 255.0
+    return torch.from_numpy(load_gif(path)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def compare_turntables(run_dir: Path, pid: int, prompt: str, judge) -> dict:
