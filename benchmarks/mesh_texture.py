@@ -228,18 +228,22 @@ def report(run_dir: Path, title: str, mesh_dir: Path, judge, seconds: dict[int, 
 
 
 def run_variant(run_dir: Path, name: str, overrides: list[str]) -> tuple[Path, dict[int, float]]:
-    """The mesh stage of every particle with ``overrides``, into RUN_DIR/variants/NAME; seconds per particle."""
+    """The mesh stage of every particle with ``overrides``, into RUN_DIR/variants/NAME; seconds per particle. Prints
+    the density level each particle was meshed at (``mesh.threshold``; "silhouette" chooses one per particle)."""
     from pdray.run.mesh_stage import run_mesh_stage
     from pdray.vsd.checkpoint import load_particle_tensors
 
     config = run_config(run_dir, overrides)
     out = run_dir / "variants" / name
     shutil.rmtree(out, ignore_errors=True)
-    seconds = {}
+    seconds, levels = {}, []
     for pid in range(config.particles):
         started = time.perf_counter()
-        run_mesh_stage(config, load_particle_tensors(run_dir, pid)[1], pid, mesh_folder(out, pid))
+        stats = run_mesh_stage(config, load_particle_tensors(run_dir, pid)[1], pid, mesh_folder(out, pid))
         seconds[pid] = time.perf_counter() - started
+        iou = f" (silhouette IoU {stats['silhouette_iou']:.3f})" if "silhouette_iou" in stats else ""
+        levels.append(f"{pid}: {stats['threshold']:g}{iou}")
+    print(f"{name}: meshed at mesh.threshold " + ", ".join(levels))
     return out, seconds
 
 

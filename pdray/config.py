@@ -8,6 +8,7 @@ with ``yaml.safe_load``; a saved config reloads unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from importlib import resources
@@ -178,9 +179,24 @@ class MeshConfig(Section):
     fit_grid: bool = True
     """The DMTet grid spans the smallest origin-centred cube holding the NeRF's surface (plus a margin), not the
     field's whole bounding cube: the same cells, finer on the object (the paper's grid spans the bounding cube)."""
-    threshold: Positive = 7.0
-    """NeRF density at which the surface is extracted: inside where density > threshold (paper: 25). At 2 the toy
-    NeRFs' soft shells fill a mug's handle hole and swell every shape (README "The mesh stage")."""
+    threshold: float | Literal["silhouette"] = "silhouette"
+    """NeRF density at which the surface is extracted: inside where density > threshold (paper: 25). "silhouette":
+    per particle, the level whose marched surface has the NeRF's own silhouette (``pdray.geometry.surface_level``);
+    no one number fits every toy NeRF (README "The mesh stage")."""
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        if value == "silhouette":
+            return value
+        try:
+            level = float(value)
+        except (TypeError, ValueError):
+            level = math.nan
+        if not level > 0 or math.isinf(level) or isinstance(value, bool):
+            raise ValueError(f'a density above 0 or "silhouette" (got {value!r})')
+        return level
+
     geometry_steps: Annotated[int, Field(ge=0)] = 50
     """Geometry fine-tune steps: SDS on rendered normal maps (paper: 15000; on the toy NeRFs 50 score as 100)."""
     texture_steps: Annotated[int, Field(ge=0)] = 100
@@ -191,7 +207,7 @@ class MeshConfig(Section):
     """Classifier-free guidance of the texture stage's VSD (paper: 7.5)."""
     views_per_step: Annotated[int, Field(ge=1)] = 1
     """Cameras rendered per step of both mesh stages (paper: 1)."""
-    texture_anchor_weight: Annotated[float, Field(ge=0)] = 1e5
+    texture_anchor_weight: Annotated[float, Field(ge=0)] = 1e6
     """Weight of the texture renders' squared distance to the NeRF's, so a short VSD keeps its colours (paper: 0)."""
     geometry_lr: Annotated[float, Field(gt=0)] = 5e-3
     """Adam learning rate of the SDF and the deformation (paper: 5e-3); the texture uses nerf.lr_grid / lr_net."""

@@ -126,6 +126,7 @@ def test_paper_presets_load() -> None:
 
 
 def test_fine_tune_moves_geometry_and_texture_from_the_nerf(tiny_run) -> None:
+    from pdray.geometry.surface_level import CANDIDATES
     from pdray.priors.diffusion import load_prior
     from pdray.run.mesh_stage import MeshStage, MeshStageError
     from pdray.vsd.checkpoint import load_particle_tensors
@@ -138,8 +139,9 @@ def test_fine_tune_moves_geometry_and_texture_from_the_nerf(tiny_run) -> None:
     stage = MeshStage(config, particle, 1, prior)
     points = torch.rand(64, 3) - 0.5
     torch.testing.assert_close(stage.albedo(points), particle.field(points)[1])  # the texture starts as the albedo
+    assert config.mesh.threshold == "silhouette" and stage.threshold in CANDIDATES and stage.silhouette_iou > 0.5
     inside = stage.dmtet.signed_distance() < 0
-    torch.testing.assert_close(inside, particle.field.density(stage.dmtet.vertices()) > config.mesh.threshold)
+    torch.testing.assert_close(inside, particle.field.density(stage.dmtet.vertices()) > stage.threshold)
 
     sdf = stage.dmtet.sdf.detach().clone()
     stats = stage.geometry_step(0, stage.score_estimator("sds", config.mesh.geometry_cfg, Stage.GEOMETRY))

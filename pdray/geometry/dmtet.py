@@ -128,7 +128,6 @@ def marching_tetrahedra(
     return mesh_verts, faces
 
 
-@torch.no_grad()
 def occupied_radius(
     density_fn: DensityFn, radius: float, threshold: float, probe: int = 64, margin_cells: int = 3
 ) -> float:
@@ -136,14 +135,26 @@ def occupied_radius(
     density exceeds ``threshold``, read on a ``probe``^3 lattice and padded by ``margin_cells`` of its cells (capped
     at ``radius``; ``radius`` when nothing is occupied). A DMTet grid over this cube spends its cells on the object
     rather than on the empty rest of the field's bounding cube."""
+    return occupied_radii(density_fn, radius, [threshold], probe, margin_cells)[0]
+
+
+@torch.no_grad()
+def occupied_radii(
+    density_fn: DensityFn, radius: float, thresholds: list[float], probe: int = 64, margin_cells: int = 3
+) -> list[float]:
+    """``occupied_radius`` at each of ``thresholds``, from one read of the lattice."""
     axis = torch.linspace(-radius, radius, probe + 1)
     points = torch.cartesian_prod(axis, axis, axis)
     density = torch.cat([density_fn(part).reshape(-1) for part in points.split(1 << 16)])
-    occupied = points[density > threshold]
-    if len(occupied) == 0:
-        return radius
-    extent = float(occupied.abs().max()) + margin_cells * 2 * radius / probe
-    return min(radius, extent)
+    extent = points.abs().amax(dim=-1)
+    radii = []
+    for threshold in thresholds:
+        occupied = density > threshold
+        if not occupied.any():
+            radii.append(radius)
+            continue
+        radii.append(min(radius, float(extent[occupied].max()) + margin_cells * 2 * radius / probe))
+    return radii
 
 
 class DMTet(nn.Module):

@@ -1,6 +1,7 @@
 """The mesh stage of one particle: ProlificDreamer's second and third stages, then export. Reads top to bottom:
 
     NeRF density > mesh.threshold  ->  DMTet SDF                 (MeshStage.__init__)
+              ("silhouette": the level whose surface has the NeRF's silhouette, per particle)
     geometry: SDS on rasterised normal maps (CFG 100) + normal consistency + Laplacian   (geometry_step)
     texture:  VSD with a fresh CameraLoRA on the fixed mesh; the texture field starts as a copy of the NeRF's
               density/albedo field, of which only the albedo is used, and is held to the NeRF's renders
@@ -29,9 +30,10 @@ from pdray.evaluation.evaluate import eval_cameras, evaluate_folder, score_views
 from pdray.files import write_bytes, write_json
 from pdray.geometry.dmtet import DMTet, occupied_radius
 from pdray.geometry.mesh import export_mesh, laplacian_smoothness, normal_consistency
+from pdray.geometry.surface_level import silhouette_threshold
 from pdray.imaging import save_gif
 from pdray.priors.diffusion import DiffusionPrior, load_prior
-from pdray.render.cameras import CameraRanges, Cameras, sample_cameras
+from pdray.render.cameras import CameraRanges, Cameras, orbit_cameras, sample_cameras
 from pdray.render.surface import render_color, render_normals
 from pdray.rng import Purpose, Stage, stream
 from pdray.types import RenderOut
@@ -59,15 +61,16 @@ class MeshStage:
         device = prior.device
         field = particle.field
         radius = field.config.radius
+        self.threshold, self.silhouette_iou = self.surface_level(particle)
         if self.mesh.fit_grid:
-            radius = occupied_radius(field.density, radius, self.mesh.threshold)
+            radius = occupied_radius(field.density, radius, self.threshold)
         self.dmtet = DMTet(self.mesh.tet_resolution, radius).to(device)
-        self.dmtet.init_sdf_from_density(field.density, self.mesh.threshold)
+        self.dmtet.init_sdf_from_density(field.density, self.threshold)
         if not (self.dmtet.signed_distance() < 0).any():
             with torch.no_grad():
                 peak = float(field.density(self.dmtet.vertices()).max())
             raise MeshStageError(
-                f"particle {particle_id}: no surface at mesh.threshold={self.mesh.threshold:g} "
+                f"particle {particle_id}: no surface at mesh.threshold={self.threshold:g} "
                 f"(the NeRF's density peaks at {peak:.3g} on the grid); lower the threshold"
             )
         self.geometry_optimizer = torch.optim.Adam(
@@ -90,6 +93,30 @@ class MeshStage:
         self.ranges = CameraRanges(c.elevation, c.azimuth, c.distance, c.fov)
         self.mesh_verts: torch.Tensor | None = None  # the fixed geometry of the texture stage
         self.mesh_faces: torch.Tensor | None = None
+
+    def surface_level(self, particle: NeRFParticle) -> tuple[float, float | None]:
+        """The density level to mesh and, for "silhouette", the IoU of its surface's silhouettes with the NeRF's
+        opacity > 0.5 from two orbits (the camera range's lowest and highest elevation, 8 azimuths each), at
+        mesh.render_resolution."""
+        if self.mesh.threshold != "silhouette":
+            return float(self.mesh.threshold), None
+        c = self.config.camera
+        low, high = (orbit_cameras(8, elevation, sum(c.distance) / 2, sum(c.fov) / 2) for elevation in c.elevation)
+        high.azimuth = (high.azimuth + 22.5 + 180.0) % 360.0 - 180.0  # between the low orbit's azimuths
+        cams = Cameras.cat([low, high]).to(self.prior.device)
+        generator = stream(self.config.seed, Stage.GEOMETRY, Purpose.RENDER, self.particle_id, 0)  # the stage's only
+        with torch.no_grad():
+            target = particle.render(cams, generator, self.mesh.render_resolution).opacity[..., 0] > 0.5
+        field = particle.field
+        level, scores = silhouette_threshold(
+            field.density, target, cams, self.mesh.tet_resolution, field.config.radius, self.mesh.fit_grid
+        )
+        if scores[level] == 0.0:
+            raise MeshStageError(
+                f"particle {self.particle_id}: no surface at any mesh.threshold the silhouette search tries "
+                f"({min(scores):g} to {max(scores):g}); set a lower mesh.threshold"
+            )
+        return level, scores[level]
 
     def score_estimator(self, guidance: str, cfg: float, stage: Stage) -> ScoreEstimator:
         """SDS or VSD with this stage's guidance scale, timestep range and streams; VSD brings a fresh CameraLoRA."""
@@ -201,6 +228,8 @@ def run_mesh_stage(
     judged = score_views(config, {particle_id: frames})
     return {
         "particle": particle_id,
+        "threshold": stage.threshold,
+        **({} if stage.silhouette_iou is None else {"silhouette_iou": stage.silhouette_iou}),
         "triangles": stats.triangles,
         "vertices": stats.vertices,
         "watertight": stats.watertight,
