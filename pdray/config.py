@@ -199,8 +199,9 @@ class MeshConfig(Section):
 
     geometry_steps: Annotated[int, Field(ge=0)] = 50
     """Geometry fine-tune steps: SDS on rendered normal maps (paper: 15000; on the toy NeRFs 50 score as 100)."""
-    texture_steps: Annotated[int, Field(ge=0)] = 100
-    """Texture fine-tune steps: VSD on the fixed geometry with a fresh CameraLoRA (paper: 30000)."""
+    texture_steps: Annotated[int, Field(ge=0)] = 50
+    """Texture fine-tune steps: VSD on the fixed geometry with a fresh CameraLoRA (paper: 30000; on the toy NeRFs 50
+    score as 100)."""
     geometry_cfg: Annotated[float, Field(ge=1.0)] = 100.0
     """Classifier-free guidance of the geometry stage's SDS (paper: 100)."""
     texture_cfg: Annotated[float, Field(ge=1.0)] = 7.5
