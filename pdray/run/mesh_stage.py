@@ -105,8 +105,10 @@ class MeshStage:
         high.azimuth = (high.azimuth + 22.5 + 180.0) % 360.0 - 180.0  # between the low orbit's azimuths
         cams = Cameras.cat([low, high]).to(self.prior.device)
         generator = stream(self.config.seed, Stage.GEOMETRY, Purpose.RENDER, self.particle_id, 0)  # the stage's only
-        with torch.no_grad():
-            target = particle.render(cams, generator, self.mesh.render_resolution).opacity[..., 0] > 0.5
+        resolution = self.mesh.render_resolution
+        with torch.no_grad():  # a view at a time: 16 at once at the paper's 512 pixels may not fit a GPU
+            views = [particle.render(cams.index([i]), generator, resolution) for i in range(len(cams))]
+        target = torch.cat([view.opacity for view in views])[..., 0] > 0.5
         field = particle.field
         level, scores = silhouette_threshold(
             field.density, target, cams, self.mesh.tet_resolution, field.config.radius, self.mesh.fit_grid
