@@ -19,3 +19,8 @@ def cuda_extension_unavailable_reason(module: str) -> str | None:
     except (ImportError, OSError, RuntimeError) as error:
         return f"{module.split('.')[0]} does not import ({error})"
     return None
+
+
+def nerfacc_unavailable_reason() -> str | None:
+    """Why ``auto`` would not march rays with nerfacc here, or None when it would."""
+    return cuda_extension_unavailable_reason("nerfacc")

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pdray.files import write_text
 from pdray.geometry.hashgrid import GridConfig
@@ -116,6 +125,50 @@ class CameraConfig(Section):
         return value
 
 
+class ResolutionSchedule(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    start: Annotated[int, Field(ge=8)] = 64
+    """Render resolution (pixels) before ``at_step``."""
+    end: Annotated[int, Field(ge=8)] = 512
+    """Render resolution from ``at_step`` on."""
+    at_step: Annotated[int, Field(ge=0)] = 5000
+    """The step at which the resolution switches (threestudio's ProlificDreamer: 64 px, then 512 from step 5000)."""
+
+
+class OccupancyConfig(Section):
+    enabled: bool = False
+    """March rays through an occupancy grid with early termination (Instant-NGP, nerfacc) instead of sampling every
+    ray ``n_samples`` times: the step is the cube's diagonal over ``n_samples``; empty cells and samples behind an
+    opaque surface are skipped (``pdray.render.occupancy``). What fits the paper's 512 px renders on a GPU."""
+    resolution: Annotated[int, Field(ge=2)] = 32
+    """Cells per side of the grid over [-radius, radius]^3 (threestudio: 32)."""
+    update_every: Annotated[int, Field(ge=1)] = 16
+    """Steps between refreshes of the grid from the field (nerfacc: 16)."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 256
+    """Steps during which every refresh visits every cell; later ones visit a random quarter of the cells and as many
+    occupied ones (nerfacc: 256)."""
+    threshold: Annotated[float, Field(gt=0)] = 0.01
+    """A cell is occupied where density x step size exceeds this (or the grid's mean, if lower) (nerfacc: 0.01)."""
+    decay: Probability = 0.95
+    """Per refresh, a cell keeps max(decay x its value, the new one) (nerfacc: 0.95)."""
+    early_stop: Annotated[float, Field(ge=0, lt=1)] = 1e-4
+    """Samples behind transmittance below this are dropped (early ray termination; nerfacc: 1e-4)."""
+    alpha_threshold: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    """Samples with opacity below this are dropped (threestudio: 0.01)."""
+    backend: Literal["auto", "torch", "nerfacc"] = "auto"
+    """Ray marcher: auto takes nerfacc's CUDA traversal where a real try of it works, else PyTorch."""
+
+
+def _resolution_kind(value: Any) -> str:
+    """Which form ``nerf.resolution`` takes: a mapping is a schedule, anything else a number of pixels."""
+    return "schedule" if isinstance(value, dict | ResolutionSchedule) else "pixels"
+
+
+UNION_TAGS = {"pixels", "schedule"}
+"""Tags of tagged unions, which pydantic puts in an error's location; dropped from the key an error names."""
+
+
 class NerfConfig(Section):
     # The defaults below are sized for the toy world on a 2-core CPU and were measured on "a cube" x8 (README,
     # "VSD that delivers"): the world's objects are 0.3-0.42 across, so the initial blob is too; sparsity and
@@ -127,10 +180,21 @@ class NerfConfig(Section):
         blob_radius=0.4,
     )
     """The density / albedo field (grid encoding + MLP)."""
-    resolution: Annotated[int, Field(ge=8)] = 32
-    """Render resolution (pixels) during distillation."""
+    resolution: Annotated[
+        Annotated[Annotated[int, Field(ge=8)], Tag("pixels")] | Annotated[ResolutionSchedule, Tag("schedule")],
+        Discriminator(_resolution_kind),
+    ] = 32
+    """Render resolution (pixels) during distillation, or a schedule {start, end, at_step}; renders are resized
+    (bilinear) to the prior's own resolution before the VAE encodes them, as threestudio does."""
     n_samples: Annotated[int, Field(ge=4)] = 32
-    """Stratified samples per ray."""
+    """Stratified samples per ray (with ``occupancy.enabled``: the most a ray can take, the marching step being the
+    cube's diagonal over it)."""
+    occupancy: OccupancyConfig = OccupancyConfig()
+    """Empty-space skipping and early ray termination (off in the toy default, on in the paper preset)."""
+    recompute_chunk: Annotated[int, Field(ge=1)] | None = None
+    """Samples per chunk whose field activations are recomputed in the backward pass instead of kept (gradient
+    checkpointing): the NeRF's memory falls to a few floats per sample for about a third more field time; none
+    keeps them all."""
     shading: Literal["albedo", "lambertian", "textureless"] = "albedo"
     """Shading of renders during distillation."""
     background: Literal["learned", "white"] = "white"
@@ -147,6 +211,13 @@ class NerfConfig(Section):
     """Weight of the opacity binary-entropy regulariser."""
     orientation_weight: Annotated[float, Field(ge=0)] = 0.0
     """Weight of DreamFusion's orientation regulariser (needs normals)."""
+
+    def resolution_at(self, step: int) -> int:
+        """The render resolution at ``step``."""
+        schedule = self.resolution
+        if isinstance(schedule, int):
+            return schedule
+        return schedule.start if step < schedule.at_step else schedule.end
 
 
 class ImageParticleConfig(Section):
@@ -422,6 +493,10 @@ def _allowed_keys(model: Any, loc: tuple) -> list[str]:
             current = field.annotation if field is not None else None
         else:
             current = typing.get_type_hints(current).get(part) if dataclasses.is_dataclass(current) else None
+    while current is not None and not hasattr(current, "model_fields") and typing.get_args(current):
+        # a tagged union (nerf.resolution): the model among its members
+        members = [a for a in typing.get_args(current) if hasattr(a, "model_fields") or typing.get_args(a)]
+        current = next((m for m in members if hasattr(m, "model_fields")), members[0] if members else None)
     if hasattr(current, "model_fields"):
         return list(current.model_fields)
     return [f.name for f in dataclasses.fields(current)] if dataclasses.is_dataclass(current) else []
@@ -453,7 +528,7 @@ def validate(data: dict[str, Any]) -> RunConfig:
         return RunConfig.model_validate(_fill_from_defaults(RunConfig(), data))
     except ValidationError as err:
         first = err.errors()[0]
-        loc = tuple(str(p) for p in first["loc"])
+        loc = tuple(str(p) for p in first["loc"] if str(p) not in UNION_TAGS)
         key = ".".join(loc) or "config"
         if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             raise ConfigError(f"{key}: unknown key; allowed here: {', '.join(_allowed_keys(RunConfig, loc))}") from None

@@ -33,6 +33,7 @@ class Purpose(enum.IntEnum):
     SCORE = 4  # the score estimator's timesteps and noise
     LORA = 5  # the LoRA's training timesteps, noise and camera dropout
     LORA_INIT = 6  # the LoRA's initial weights
+    OCCUPANCY = 7  # the occupancy grid's refresh points
 
 
 SHARED = None

@@ -116,7 +116,7 @@ def test_paper_presets_load() -> None:
         )
         assert (m.normal_consistency_weight, m.laplacian_weight, m.t_range.at_step) == (1e4, 1e4, 5000)
         assert not m.fit_grid  # the paper's grid spans the bounding cube
-        assert cfg.prior.model == "stabilityai/stable-diffusion-2-1-base" and cfg.nerf.resolution == 512
+        assert cfg.prior.model == "stabilityai/stable-diffusion-2-1-base" and cfg.nerf.resolution_at(5000) == 512
     assert geometry.mesh.texture_steps == 0
     assert (texture.mesh.texture_steps, texture.mesh.texture_cfg, texture.lora.base) == (
         30000,

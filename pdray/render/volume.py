@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from pdray.render.cameras import fixed_light_direction
 
@@ -55,6 +56,9 @@ class VolumeRender:
     """[B, H, W, S] per-sample weights w_i (0 on rays that miss the sphere)."""
     sample_normals: torch.Tensor | None
     """[B, H, W, S, 3] per-sample unit normals (0 on rays that miss); None without a normal_fn."""
+    ray_index: torch.Tensor | None = None
+    """Packed renders (``pdray.render.occupancy``): the flat ray ``[N]`` of each sample, whose ``weights`` are ``[N]``
+    and ``sample_normals`` ``[N, 3]``; None for the dense ``[B, H, W, S]`` layout."""
 
 
 def intersect_sphere(
@@ -92,7 +96,7 @@ def _scatter_rays(values: torch.Tensor, rays: torch.Tensor, n_rays: int) -> torc
     return values.new_zeros(n_rays, *values.shape[1:]).index_copy(0, rays, values)
 
 
-def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def draw_uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Uniform draws from ``generator`` on its own device (pdray's streams are CPU generators), moved to ``device``."""
     where = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=where).to(device)
@@ -139,7 +143,7 @@ def render_volume(
     rays = hit.nonzero().squeeze(1)  # [R] indices of the rays that are sampled
     near, far = t_near[rays, None], t_far[rays, None]
     if stratified:
-        jitter = _rand((rays.shape[0], n_samples), generator, device)
+        jitter = draw_uniform((rays.shape[0], n_samples), generator, device)
     else:
         jitter = torch.full((rays.shape[0], n_samples), 0.5, device=device)
     delta = (far - near) / n_samples  # [R, 1] bin length
@@ -161,8 +165,8 @@ def render_volume(
     bg = background(d).view(*batch_shape, 3)
     if random_background_prob > 0.0:
         n_images = batch_shape[0]
-        use_random = _rand((n_images,), generator, device) < random_background_prob
-        colours = _rand((n_images, 3), generator, device)
+        use_random = draw_uniform((n_images,), generator, device) < random_background_prob
+        colours = draw_uniform((n_images, 3), generator, device)
         bg = torch.where(use_random[:, None, None, None], colours[:, None, None, :].to(bg), bg)
     return VolumeRender(
         rgb=composite(colour) + (1.0 - opacity) * bg,
@@ -174,6 +178,26 @@ def render_volume(
         if normals is not None
         else None,
     )
+
+
+def chunked_field(field: FieldFn, chunk: int, recompute: bool = False) -> FieldFn:
+    """``field`` evaluated ``chunk`` points at a time, so no pass holds the activations of every sample at once.
+
+    ``recompute``: with autograd on, each chunk's activations are dropped after its forward and recomputed in the
+    backward (``torch.utils.checkpoint``), so a render keeps only each sample's point, density and albedo. One chunk
+    or fewer, without recompute, is the plain call."""
+
+    def evaluate(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        recomputed = recompute and torch.is_grad_enabled()
+        if len(points) <= chunk and not recomputed:
+            return field(points)
+        parts = [
+            checkpoint(field, part, use_reentrant=False) if recomputed else field(part) for part in points.split(chunk)
+        ]
+        density, albedo = zip(*parts, strict=True)
+        return torch.cat(density), torch.cat(albedo)
+
+    return evaluate
 
 
 def sparsity_loss(opacity: torch.Tensor) -> torch.Tensor:
@@ -193,13 +217,21 @@ def opacity_entropy_loss(opacity: torch.Tensor) -> torch.Tensor:
     return -(o * torch.log(o) + (1.0 - o) * torch.log(1.0 - o)).mean()
 
 
-def orientation_loss(weights: torch.Tensor, normals: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+def orientation_loss(
+    weights: torch.Tensor, normals: torch.Tensor, dirs: torch.Tensor, ray_index: torch.Tensor | None = None
+) -> torch.Tensor:
     """DreamFusion's orientation loss: ``mean over rays of sum_i stopgrad(w_i) * max(0, n_i . d)^2``.
 
     Penalises visible normals that face away from the camera (along the ray direction).
     ``weights: [..., S]``, ``normals: [..., S, 3]``, ``dirs: [..., 3]`` (unit, camera to scene).
     DreamFusion's weight rises from 10 to 1000 over the first 5000 steps (threestudio ``dreamfusion-sd.yaml``);
-    ProlificDreamer's is 0 (off).
+    ProlificDreamer's is 0 (off). Packed samples (``weights: [N]``, ``normals: [N, 3]``) name their ray of the flat
+    ``dirs: [..., 3]`` in ``ray_index: [N]``.
     """
+    if ray_index is not None:
+        flat = dirs.reshape(-1, 3)
+        facing_away = (normals * flat[ray_index]).sum(-1).clamp_min(0.0)
+        per_ray = flat.new_zeros(len(flat)).index_add(0, ray_index, weights.detach() * facing_away.square())
+        return per_ray.mean()
     facing_away = (normals * dirs[..., None, :]).sum(-1).clamp_min(0.0)
     return (weights.detach() * facing_away.square()).sum(-1).mean()

@@ -7,17 +7,26 @@ the local executor) drives: ``render(step)`` then ``apply(step, grads)``.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pdray.config import RunConfig
 from pdray.geometry.nerf import BackgroundField, NeRFField
 from pdray.imaging import save_gif, save_png
 from pdray.priors.diffusion import DiffusionPrior
 from pdray.render.cameras import CameraRanges, Cameras, camera_rays, sample_cameras
-from pdray.render.volume import opacity_entropy_loss, orientation_loss, render_volume, sparsity_loss
+from pdray.render.occupancy import CHUNK, OccupancyGrid, render_marched
+from pdray.render.volume import (
+    chunked_field,
+    opacity_entropy_loss,
+    orientation_loss,
+    render_volume,
+    sparsity_loss,
+)
 from pdray.rng import SHARED, Purpose, Stage, seeded_global, stream
 from pdray.types import RenderOut
 from pdray.vsd.checkpoint import load_optimizer_tensors, optimizer_tensors
@@ -34,10 +43,12 @@ class Particle:
         self,
         cameras: Cameras,
         prior: DiffusionPrior,
+        step: int,
         generator: torch.Generator | None = None,
         clock: dict[str, float] | None = None,
     ):
-        """Latents [V, C, h, w] of the particle seen from cameras, with autograd kept (VAE seconds into clock)."""
+        """Latents [V, C, h, w] of the particle seen from cameras at ``step``, with autograd kept (VAE seconds into
+        clock)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -97,6 +108,7 @@ class ImageParticle(Particle):
         self,
         cameras: Cameras,
         prior: DiffusionPrior,
+        step: int,
         generator: torch.Generator | None = None,
         clock: dict[str, float] | None = None,
     ):
@@ -124,8 +136,22 @@ class NeRFParticle(Particle):
 
     def __init__(self, config: RunConfig, prior: DiffusionPrior, particle_id: int):
         self.config = config.nerf
+        self.seed, self.particle_id, self.step = config.seed, particle_id, 0
         with seeded_global(config.seed, Stage.NERF, Purpose.INIT, particle_id):
             self.field = NeRFField(self.config.field).to(prior.device)
+        occupancy = self.config.occupancy
+        self.occupancy = None
+        if occupancy.enabled:
+            self.occupancy = OccupancyGrid(
+                occupancy.resolution,
+                self.config.field.radius,
+                occupancy.threshold,
+                occupancy.decay,
+                occupancy.update_every,
+                occupancy.warmup_steps,
+            ).to(prior.device)
+        # the marching step: the bounding cube's diagonal in n_samples steps (threestudio's render_step_size)
+        self.step_size = 2.0 * math.sqrt(3.0) * self.config.field.radius / self.config.n_samples
         groups = [
             {"params": self.field.encoding.parameters(), "lr": self.config.lr_grid},
             {"params": self.field.mlp.parameters(), "lr": self.config.lr_net},
@@ -138,22 +164,38 @@ class NeRFParticle(Particle):
         self._last = None
 
     def render(self, cameras: Cameras, generator: torch.Generator | None = None, resolution: int | None = None):
+        """The volume render from ``cameras`` at ``resolution`` (default: the schedule's at the last step seen)."""
+        config = self.config
         origins, dirs = camera_rays(
-            cameras.to(next(self.field.parameters()).device), resolution or self.config.resolution
+            cameras.to(next(self.field.parameters()).device), resolution or config.resolution_at(self.step)
         )
-        needs_normals = self.config.shading != "albedo" or self.config.orientation_weight > 0
-        out = render_volume(
-            self.field,
-            self.background if self.background is not None else white_background,
-            origins,
-            dirs,
-            self.config.n_samples,
-            radius=self.config.field.radius,
-            shading=self.config.shading,
-            generator=generator,
-            random_background_prob=self.config.random_background_prob,
-            normal_fn=self.field.normals if needs_normals else None,
-        )
+        needs_normals = config.shading != "albedo" or config.orientation_weight > 0
+        field = chunked_field(self.field, config.recompute_chunk or CHUNK, config.recompute_chunk is not None)
+        common = {
+            "shading": config.shading,
+            "generator": generator,
+            "random_background_prob": config.random_background_prob,
+            "normal_fn": self.field.normals if needs_normals else None,
+        }
+        background = self.background if self.background is not None else white_background
+        if self.occupancy is None:
+            out = render_volume(
+                field, background, origins, dirs, config.n_samples, radius=config.field.radius, **common
+            )
+        else:
+            out = render_marched(
+                field,
+                background,
+                origins,
+                dirs,
+                self.occupancy,
+                self.step_size,
+                self.field.density,
+                early_stop=config.occupancy.early_stop,
+                alpha_threshold=config.occupancy.alpha_threshold,
+                backend=config.occupancy.backend,
+                **common,
+            )
         self._last = (out, dirs)
         return out
 
@@ -161,11 +203,23 @@ class NeRFParticle(Particle):
         self,
         cameras: Cameras,
         prior: DiffusionPrior,
+        step: int,
         generator: torch.Generator | None = None,
         clock: dict[str, float] | None = None,
     ):
-        out = self.render(cameras, generator)
-        return timed_encode(prior, out.rgb.permute(0, 3, 1, 2), clock)
+        self.step = step
+        if self.occupancy is not None:
+            self.occupancy.update(
+                step,
+                self.field.density,
+                self.step_size,
+                stream(self.seed, Stage.NERF, Purpose.OCCUPANCY, self.particle_id, step),
+            )
+        images = self.render(cameras, generator).rgb.permute(0, 3, 1, 2)
+        size = prior.image_resolution
+        if images.shape[-1] != size:  # the prior scores images at its own resolution (threestudio: 64 px -> 512)
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        return timed_encode(prior, images, clock)
 
     @torch.no_grad()
     def images(self, cameras: Cameras, prior: DiffusionPrior, resolution: int | None = None) -> torch.Tensor:
@@ -180,11 +234,17 @@ class NeRFParticle(Particle):
         loss = self.config.sparsity_weight * sparsity_loss(out.opacity)
         loss = loss + self.config.opacity_entropy_weight * opacity_entropy_loss(out.opacity)
         if self.config.orientation_weight > 0:
-            loss = loss + self.config.orientation_weight * orientation_loss(out.weights, out.sample_normals, dirs)
+            orientation = orientation_loss(out.weights, out.sample_normals, dirs, out.ray_index)
+            loss = loss + self.config.orientation_weight * orientation
         return loss
 
     def modules(self) -> dict[str, torch.nn.Module | torch.nn.Parameter]:
-        return {"field": self.field} | ({"background": self.background} if self.background is not None else {})
+        modules: dict[str, torch.nn.Module | torch.nn.Parameter] = {"field": self.field}
+        if self.background is not None:
+            modules["background"] = self.background
+        if self.occupancy is not None:
+            modules["occupancy"] = self.occupancy
+        return modules
 
 
 def build_particle(config: RunConfig, prior: DiffusionPrior, particle_id: int) -> Particle:
@@ -215,7 +275,7 @@ class ParticleGroup:
         for pid, particle in self.particles.items():
             cams = self.cameras(pid, step)
             z = particle.latents(
-                cams, self.prior, stream(self.config.seed, Stage.NERF, Purpose.RENDER, pid, step), clock
+                cams, self.prior, step, stream(self.config.seed, Stage.NERF, Purpose.RENDER, pid, step), clock
             )
             self._pending[pid] = z
             latents.append(z.detach().float().cpu())
