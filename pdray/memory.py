@@ -1,4 +1,4 @@
-"""Peak memory of the current process (host RSS high-water mark and CUDA allocator peak), for actor reports."""
+"""Peak memory of the current process (host RSS high-water mark and CUDA allocator peak), for executor reports."""
 
 from __future__ import annotations
 

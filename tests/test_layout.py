@@ -12,7 +12,10 @@ ROOT = Path(pdray.__file__).parent
 CLI = ROOT.parent / "cli"  # installed as pdray.cli
 
 LAYERS = [  # lowest first: a module may import from its own layer and those before it
-    ("basics", ("pdray.types", "pdray.rng", "pdray.files", "pdray.imaging", "pdray.prompts", "pdray.backends")),
+    (
+        "basics",
+        ("pdray.types", "pdray.rng", "pdray.files", "pdray.imaging", "pdray.prompts", "pdray.backends", "pdray.memory"),
+    ),
     ("geometry and rendering", ("pdray.geometry", "pdray.render")),
     ("config", ("pdray.config",)),
     ("priors", ("pdray.priors",)),

@@ -19,7 +19,7 @@ import ray
 import torch
 from ray.exceptions import RayError, RayTaskError
 
-from pdray.cluster.memory import peak_memory
+from pdray.memory import peak_memory
 
 NICENESS = "RAY_worker_niceness"  # read by every Ray worker process at start; Ray's default is 15
 

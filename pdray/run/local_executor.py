@@ -16,7 +16,8 @@ from typing import Any
 
 from pdray.config import RunConfig
 from pdray.evaluation.tracking import WandbLabels
-from pdray.priors.diffusion import load_prior
+from pdray.memory import peak_memory
+from pdray.priors.diffusion import DiffusionPrior, load_prior
 from pdray.render.cameras import Cameras
 from pdray.run.loop import run_stage
 from pdray.vsd.checkpoint import read_lora, read_particles, write_lora_shard, write_particle_shard
@@ -28,8 +29,9 @@ class LocalExecutor:
     name = "local"
     lost: tuple[type[BaseException], ...] = ()  # one process: nothing is lost that could be restored
 
-    def __init__(self, config: RunConfig, run_dir: Path):
-        prior = load_prior(config.prior)
+    def __init__(self, config: RunConfig, run_dir: Path, prior: DiffusionPrior | None = None):
+        """``prior``: one already loaded (benchmarks time several particle counts on one); default: the config's."""
+        prior = prior or load_prior(config.prior)
         self.group = ParticleGroup(config, list(range(config.particles)), prior)
         self.score = ScoreEstimator(config, prior)
 
@@ -50,7 +52,9 @@ class LocalExecutor:
         self.group.write_views(run_dir, views, turntable)
 
     def report(self) -> dict[str, Any]:
-        return {}
+        """This process's peak memory: host RSS and, on CUDA, the allocator's peak (MB)."""
+        memory = peak_memory()
+        return {"memory": {"peak_rss_mb": memory["peak_rss_mb"], "peak_gpu_mb": memory["peak_cuda_mb"] or None}}
 
     def close(self) -> None:
         pass
