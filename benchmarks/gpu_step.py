@@ -1,21 +1,22 @@
-"""One VSD step on one GPU, component by component, at Stable Diffusion 2.1 scale, and a weak-scaling projection.
+"""pdray's own VSD step on one GPU, part by part, at Stable Diffusion 2.1 scale, and a weak-scaling projection.
 
-No download and no Ray: the prior is SD 2.1's architecture with random weights (its UNet, VAE and CLIP text encoder
-configs, a small BPE tokenizer, the v-prediction scheduler), written in SD's folder layout and loaded back through
-``pdray.priors.diffusion.load_prior``, as a downloaded SD 2.1 would be. The particles are pdray's NeRF particles
-(the paper's hash grid, tinycudann when it imports on CUDA, else the torch grid) rendered at ``--resolution``.
-
-For 1, 2 and 4 particles per GPU it times each part of a VSD step as the particle and score actors run it:
+No download and no Ray: the paper's two bases are SD 2.1's architecture with random weights
+(``pdray.priors.random_sd``: SD 2.1-base, epsilon, for the score; SD 2.1, v-prediction, under the LoRA), written in
+SD's folder layout and loaded back through ``pdray.priors.diffusion.load_prior``, as downloaded ones would be. The
+run config is the ``prolificdreamer`` preset (hash grid, occupancy grid, per-chunk recompute, camera LoRA) at
+``--resolution``; each step is ``pdray.run.local_executor.LocalExecutor.step``, what ``pdray run --executor local``
+runs, and its parts are the times that step reports:
 
 - render:        every particle's NeRF rendered at one shared camera (autograd kept)
-- encode:        the VAE encoder on the renders (autograd kept), on the particle actor
-- unet_cfg:      the frozen UNet with classifier-free guidance (one batched call of 2 x particles)
-- unet_lora:     the LoRA UNet's prediction (camera-conditioned, no CFG)
-- lora_update:   one AdamW step of the LoRA's diffusion loss on the detached latents
+- encode:        the VAE encoder on the renders, resized to 512 px (autograd kept)
+- unet_cfg:      the frozen UNet with classifier-free guidance
+- unet_lora:     the LoRA UNet's prediction (camera-conditioned)
+- lora_update:   the LoRA's AdamW step on the detached latents
 - backward:      every particle's backward through encoder and renderer, and its optimiser step
 
 and the peak GPU memory (on a CPU: the process's peak RSS so far). Times are means over ``--steps`` steps after
-``--warmup``, each part bracketed by ``torch.cuda.synchronize``.
+``--warmup``; the step is bracketed by ``torch.cuda.synchronize`` and its parts end where pdray copies results to the
+host, which synchronises.
 
 Weak-scaling projection to G GPUs with p particles each (P = p G particles), from the measured times at p:
 
@@ -35,6 +36,7 @@ Throughput is P / T; efficiency is the one-GPU step time (all parts at p, no com
 
     python benchmarks/gpu_step.py --resolution 512 --dtype fp16 --particles 1,2,4 --out OUT_DIR
     python benchmarks/gpu_step.py --tiny --resolution 64 --particles 1,2 --steps 1   # CPU smoke test
+    python benchmarks/gpu_step.py --device cpu --dtype fp32 --resolution 64 --particles 1 --steps 2   # full size
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import string
 import sys
 import tempfile
 import time
@@ -50,16 +51,11 @@ from pathlib import Path
 
 import torch
 
-from pdray.config import LoraConfig, NerfConfig, PriorConfig, RunConfig
-from pdray.geometry.hashgrid import GridConfig, encoding_backend_name
-from pdray.geometry.nerf import FieldConfig
+from pdray.config import RunConfig, load_config
+from pdray.geometry.hashgrid import encoding_backend_name
 from pdray.priors.diffusion import DiffusionPrior, load_prior
-from pdray.render.cameras import CameraRanges, sample_cameras
-from pdray.rng import SHARED, Purpose, Stage, stream
-from pdray.vsd.distill import drop_nonfinite, sample_timesteps, surrogate_loss, vsd_grad
-from pdray.vsd.lora import CameraLoRA
-from pdray.vsd.particle import NeRFParticle, ParticleGroup
-from pdray.vsd.score import ScoreEstimator
+from pdray.priors.random_sd import write_random_sd
+from pdray.run.local_executor import LocalExecutor
 
 COMPONENTS = ("render", "encode", "unet_cfg", "unet_lora", "lora_update", "backward")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -67,208 +63,30 @@ PROMPT = "a dslr photo of a pineapple"
 GPU_COUNTS = (8, 16, 64)
 
 
-def sd21_configs(tiny: bool) -> dict[str, dict]:
-    """Constructor arguments of SD 2.1's UNet, VAE and text encoder (``tiny``: the same layout, tiny widths)."""
-    unet = {
-        "sample_size": 96,
-        "in_channels": 4,
-        "out_channels": 4,
-        "layers_per_block": 2,
-        "block_out_channels": (320, 640, 1280, 1280),
-        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        "cross_attention_dim": 1024,
-        "attention_head_dim": (5, 10, 20, 20),
-        "use_linear_projection": True,
-        "upcast_attention": True,
-        "norm_num_groups": 32,
-    }
-    vae = {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
-        "block_out_channels": (128, 256, 512, 512),
-        "layers_per_block": 2,
-        "latent_channels": 4,
-        "norm_num_groups": 32,
-        "sample_size": 768,
-        "scaling_factor": 0.18215,
-    }
-    text = {
-        "vocab_size": 49408,
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 23,
-        "num_attention_heads": 16,
-        "max_position_embeddings": 77,
-        "projection_dim": 512,
-        "hidden_act": "gelu",
-    }
-    if tiny:
-        unet |= {
-            "block_out_channels": (8, 16, 16, 16),
-            "layers_per_block": 1,
-            "cross_attention_dim": 16,
-            "attention_head_dim": (1, 2, 2, 2),
-            "norm_num_groups": 4,
-        }
-        vae |= {"block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4}
-        text |= {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-    return {"unet": unet, "vae": vae, "text_encoder": text}
+def run_config(args: argparse.Namespace, folders: dict[str, Path], particles: int) -> RunConfig:
+    """The ``prolificdreamer`` preset's NeRF stage at --resolution on the random SD 2.1 folders (tiny: a small grid)."""
+    overrides = [
+        f"particles={particles}",
+        "stages=[nerf]",
+        "executor=local",
+        "wandb=off",
+        f"prior.model={folders['prior']}",
+        f"prior.dtype={DTYPES[args.dtype]}",
+        f"lora.base={folders['lora']}",
+        f"nerf.resolution={args.resolution}",
+        f"nerf.n_samples={args.samples}",
+        f"prompt={PROMPT}",
+    ]
+    if args.tiny:
+        overrides += ["nerf.field.grid.n_levels=4", "nerf.field.grid.log2_hashmap_size=12"]
+        overrides += ["nerf.field.grid.base_resolution=8", "nerf.field.grid.per_level_scale=2.0"]
+        overrides += ["nerf.field.hidden_dim=16"]
+    return load_config("prolificdreamer", overrides)
 
 
-def build_tokenizer(words: list[str]):
-    """A CLIP BPE tokenizer over lowercase letters, with merges that make each of ``words`` one token."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in string.ascii_lowercase:
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        merged = symbols[0]
-        for symbol in symbols[1:]:
-            if (merged, symbol) not in merges:
-                merges.append((merged, symbol))
-            merged += symbol
-            vocab.setdefault(merged, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def build_sd21_folder(folder: Path, tiny: bool, device: torch.device) -> Path:
-    """Write an SD 2.1-shaped pipeline with random weights in SD's folder layout (model_index.json, unet/, vae/,
-    text_encoder/, tokenizer/, scheduler/), weights in float16; a folder already written is reused."""
-    if (folder / "model_index.json").exists():
-        return folder
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    configs = sd21_configs(tiny)
-    tokenizer = build_tokenizer(PROMPT.split())
-    torch.manual_seed(0)
-    with torch.device(device):  # random init on the GPU takes seconds where the CPU takes a minute
-        parts = {
-            "unet": UNet2DConditionModel(**configs["unet"]),
-            "vae": AutoencoderKL(**configs["vae"]),
-            "text_encoder": CLIPTextModel(
-                CLIPTextConfig(
-                    **configs["text_encoder"],
-                    bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            ),
-        }
-    for name, module in parts.items():
-        module.to(torch.float16).save_pretrained(folder / name)
-    tokenizer.save_pretrained(folder / "tokenizer")
-    DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="v_prediction",
-        clip_sample=False,
-        steps_offset=1,
-    ).save_pretrained(folder / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
-
-
-def run_config(args: argparse.Namespace, model: Path, particles: int, particle_score: str = "lora") -> RunConfig:
-    """The run config of the measured step: the paper's NeRF (hash grid) at --resolution, VSD with a LoRA."""
-    grid = (
-        GridConfig(n_levels=4, log2_hashmap_size=12, base_resolution=8, per_level_scale=2.0)
-        if args.tiny
-        else GridConfig()
-    )
-    return RunConfig(
-        prompt=PROMPT,
-        particles=particles,
-        particle_score=particle_score,
-        stages=["nerf"],
-        executor="local",
-        wandb="off",
-        prior=PriorConfig(model=str(model), dtype=DTYPES[args.dtype], view_dependent_prompting=False),
-        lora=LoraConfig(rank=4, alpha=4.0),
-        nerf=NerfConfig(
-            field=FieldConfig(grid=grid, hidden_dim=16 if args.tiny else 64),
-            resolution=args.resolution,
-            n_samples=args.samples,
-        ),
-    )
-
-
-class Clock:
-    """Seconds per component, each call bracketed by device synchronisation so GPU work is counted where it runs."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, dict.fromkeys(COMPONENTS, 0.0)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __call__(self, name: str, fn, *args, **kwargs):
-        self.sync()
-        started = time.perf_counter()
-        out = fn(*args, **kwargs)
-        self.sync()
-        self.seconds[name] += time.perf_counter() - started
-        return out
-
-
-def vsd_step(step: int, config: RunConfig, prior: DiffusionPrior, lora: CameraLoRA, particles: list, clock: Clock):
-    """One VSD step of ``particles`` on one device, the work of ParticleGroup.render / ScoreEstimator.grads /
-    ParticleGroup.apply / ScoreEstimator.lora_update in that order, each part timed. Returns non-finite grads."""
-    c = config.camera
-    cameras = sample_cameras(
-        1,
-        CameraRanges(c.elevation, c.azimuth, c.distance, c.fov),
-        stream(config.seed, Stage.NERF, Purpose.CAMERA, SHARED, step),
-    )
-    device_generator = torch.Generator(prior.device).manual_seed(step)
-    renders = [clock("render", p.render, cameras, device_generator) for p in particles]
-    latents = [clock("encode", prior.encode, r.rgb.permute(0, 3, 1, 2)) for r in renders]
-
-    z = torch.cat(latents).detach().float()
-    n = z.shape[0]
-    c2w = cameras.c2w().to(prior.device).expand(n, 4, 4)
-    generator = stream(config.seed, Stage.NERF, Purpose.SCORE, SHARED, step)
-    t = sample_timesteps(n, config.t_range.start, prior.num_train_timesteps, generator).to(prior.device)
-    noise = torch.randn(z.shape, generator=generator).to(prior.device)
-    x_t, a = prior.add_noise(z, noise, t), prior.alpha_bar(t)
-    cond, uncond = prior.embed([config.prompt] * n), prior.embed([config.negative_prompt] * n)
-    with torch.no_grad():
-        eps_pre = clock("unet_cfg", prior.predict_eps, x_t, t, cond, uncond, config.cfg)
-        eps_lora = clock("unet_lora", lora.predict_eps, x_t, t, cond, c2w, uncond)
-    grads, nonfinite = drop_nonfinite(vsd_grad(eps_pre, eps_lora, a))
-
-    def backward() -> None:
-        for particle, z_i, g_i in zip(particles, latents, grads.split(1), strict=True):
-            loss = surrogate_loss(z_i, g_i.to(z_i.dtype)) + particle.regularisation()
-            particle.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            particle.optimizer.step()
-
-    clock("backward", backward)
-    draw = lora.draw(z, stream(config.seed, Stage.NERF, Purpose.LORA, SHARED, step))
-    clock("lora_update", lora.train_step, z, cond, c2w, draw, config.score_batch_size)
-    return nonfinite
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -278,25 +96,37 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(args: argparse.Namespace, model: Path, prior: DiffusionPrior, lora: CameraLoRA, n: int) -> dict:
-    """Per-component mean seconds and peak memory of a VSD step with ``n`` particles on this device."""
-    config = run_config(args, model, n)
+STATS = {c: f"time/{'unet' if c == 'unet_cfg' else c}" for c in COMPONENTS}
+"""The stat of pdray's step that times each component."""
+
+
+def measure(args: argparse.Namespace, folders: dict[str, Path], prior: DiffusionPrior, n: int) -> dict:
+    """Per-component mean seconds and peak memory of pdray's VSD step with ``n`` particles on this device."""
+    config = run_config(args, folders, n)
     if prior.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(prior.device)
-    particles = [NeRFParticle(config, prior, pid) for pid in range(n)]
-    clock, nonfinite = Clock(prior.device), 0
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            clock.seconds = dict.fromkeys(COMPONENTS, 0.0)
-        nonfinite += vsd_step(step, config, prior, lora, particles, clock)
-    seconds = {k: v / args.steps for k, v in clock.seconds.items()}
+    with tempfile.TemporaryDirectory() as run_dir:
+        executor = LocalExecutor(config, Path(run_dir), prior=prior)
+        seconds, wall, nonfinite = dict.fromkeys(COMPONENTS, 0.0), 0.0, 0
+        for step in range(args.warmup + args.steps):
+            sync(prior.device)
+            started = time.perf_counter()
+            stats = executor.step(step)
+            sync(prior.device)
+            if step >= args.warmup:
+                wall += time.perf_counter() - started
+                for component, key in STATS.items():
+                    seconds[component] += stats[key]
+                nonfinite += int(stats["nonfinite_dropped"])
+        lora_parameters = sum(p.numel() for p in executor.score.lora.parameters())
     return {
         "particles": n,
-        "seconds": seconds,
-        "step_s": sum(seconds.values()),
+        "seconds": {k: v / args.steps for k, v in seconds.items()},
+        "step_s": wall / args.steps,
         "peak_memory_mb": peak_memory_mb(prior.device),
         "nonfinite_grads": nonfinite,
+        "lora_parameters": lora_parameters,
     }
 
 
@@ -380,32 +210,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def end_to_end_check(args: argparse.Namespace, model: Path, prior: DiffusionPrior) -> str:
-    """One step through pdray's own ParticleGroup and ScoreEstimator (Gaussian particle score, so the prior's UNet
-    takes no second adapter): what the actors run, with their device handling."""
-    try:
-        config = run_config(args, model, 1, particle_score="gaussian")
-        group = ParticleGroup(config, [0], prior)
-        started = time.perf_counter()
-        out, _ = group.render(0)
-        grads, _ = ScoreEstimator(config, prior).grads(0, out)
-        group.apply(0, grads[0])
-        return f"ok ({time.perf_counter() - started:.2f} s)"
-    except Exception as error:  # reported, not raised: the component timings stand on their own
-        return f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny widths of the same layout (CPU smoke test)")
     parser.add_argument("--particles", default="1,2,4", help="particles per GPU, comma-separated")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="the frozen prior's precision")
     parser.add_argument("--resolution", type=int, default=512, help="NeRF render resolution (pixels)")
-    parser.add_argument("--samples", type=int, default=32, help="samples per ray")
+    parser.add_argument("--samples", type=int, default=512, help="most samples per ray (the preset's 512)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per particle count")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--prior-dir", type=Path, default=None, help="where the random SD 2.1 folder is written")
+    parser.add_argument("--prior-dir", type=Path, default=None, help="where the random SD 2.1 folders are written")
     parser.add_argument("--bandwidth-gbs", type=float, default=5.0, help="object-store bandwidth per replica, GB/s")
     parser.add_argument("--pcie-gbs", type=float, default=25.0, help="GPU <-> host copy bandwidth, GB/s")
     parser.add_argument("--latency-ms", type=float, default=2.0, help="latency per round of actor calls, ms")
@@ -414,23 +229,24 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     started = time.perf_counter()
-    folder = args.prior_dir or Path(tempfile.mkdtemp(prefix="pdray-sd21-"))
-    model = build_sd21_folder(folder, args.tiny, device)
+    root = args.prior_dir or Path(tempfile.mkdtemp(prefix="pdray-sd21-"))
+    size = "tiny" if args.tiny else "full"
+    folders = {base: write_random_sd(root / base, size, base, device) for base in ("prior", "lora")}
     built = time.perf_counter()
-    prior = load_prior(run_config(args, model, 1).prior, device=device)
-    lora = CameraLoRA(prior, run_config(args, model, 1).lora)
+    prior = load_prior(run_config(args, folders, 1).prior, device=device)
     loaded = time.perf_counter()
     resident = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
     rows = []
     for n in [int(p) for p in args.particles.split(",")]:
         try:
-            rows.append(measure(args, model, prior, lora, n))
+            rows.append(measure(args, folders, prior, n))
         except torch.cuda.OutOfMemoryError:
             rows.append({"particles": n, "error": "out of GPU memory"})
         print(f"particles {n}: {json.dumps(rows[-1])}", flush=True)
 
-    lora_bytes = sum(p.numel() * 4 for p in lora.parameters())  # float32 gradients
+    lora_parameters = next((r["lora_parameters"] for r in rows if "lora_parameters" in r), 0)
+    lora_bytes = 4 * lora_parameters  # float32 gradients
     latent_bytes = 4 * prior.latent_channels * (args.resolution // prior.vae_scale) ** 2
     bandwidth, pcie, latency = args.bandwidth_gbs * 1e9, args.pcie_gbs * 1e9, args.latency_ms * 1e-3
     exchange = allreduce_seconds(max(GPU_COUNTS), lora_bytes, bandwidth, pcie, latency)
@@ -453,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
             "steps": args.steps,
             "warmup": args.warmup,
             "grid_backend": encoding_backend_name("auto") if device.type == "cuda" else "torch",
-            "lora_parameters": sum(p.numel() for p in lora.parameters()),
+            "lora_parameters": lora_parameters,
             "unet_parameters": sum(p.numel() for p in prior.unet.parameters()),
         },
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -467,7 +283,6 @@ def main(argv: list[str] | None = None) -> dict:
         "projection": {"model": model_text, "rows": project(rows, lora_bytes, latent_bytes, bandwidth, latency, pcie)},
         "checks": {
             "ray imported": "ray" in sys.modules,
-            "ParticleGroup + ScoreEstimator step on this device": end_to_end_check(args, model, prior),
         },
     }
     text = markdown(report)

@@ -56,13 +56,16 @@ def test_tiny_run_on_the_cpu_times_every_component_without_ray(tmp_path: Path) -
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads((out / "gpu_step.json").read_text())
     assert report["checks"]["ray imported"] is False
-    assert report["checks"]["ParticleGroup + ScoreEstimator step on this device"].startswith("ok")
-    assert json.loads((tmp_path / "sd21" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    for base, prediction in (("prior", "epsilon"), ("lora", "v_prediction")):  # the paper's two bases
+        folder = tmp_path / "sd21" / base
+        assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+        assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == prediction
     assert [row["particles"] for row in report["components"]] == [1, 2]
     for row in report["components"]:
         assert set(row["seconds"]) == COMPONENTS
         assert all(seconds > 0 for seconds in row["seconds"].values()), row
         assert row["peak_memory_mb"] > 0 and row["nonfinite_grads"] == 0
+        assert row["step_s"] >= 0.9 * sum(row["seconds"].values())  # the parts are pdray's step's own
     projection = report["projection"]["rows"]
     keys = {(r["particles_per_gpu"], r["gpus"], r["replicas"]) for r in projection}
     assert keys == {(p, g, r) for p in (1, 2) for g in (8, 16, 64) for r in ("1", "G")}
