@@ -5,14 +5,17 @@ activations autograd keeps for backward. This script runs each differentiable pa
 CPU, in 16-bit where the GPU runs 16-bit, and sums the bytes of every tensor saved for backward
 (``torch.autograd.graph.saved_tensors_hooks``, each storage counted once):
 
-- nerf:        one particle's NeRF render (pdray's torch hash grid, float32) at --render-resolution, scaled to
-               --resolution by the ray count (a render's activations are per ray sample);
+- nerf:        one particle's NeRF render as the ``prolificdreamer`` preset runs it (pdray's torch hash grid in
+               float32, the occupancy grid with early termination, activations recomputed per chunk of 2^18
+               samples), from the blob it starts as, at --render-resolution, scaled to --resolution by the ray
+               count (a render's activations are per ray sample); plus one chunk's recompute in the backward;
 - vae_encode:  the VAE encoder on one render at --resolution (the particle actor keeps it until the backward);
 - lora_unet:   the LoRA UNet's training forward on one latent (the score replica's LoRA update), rank 4 on every
                attention projection, with the camera embedding.
 
-and adds the resident weights (frozen UNet, text encoder and VAE in 16-bit; LoRA, camera MLP and AdamW moments in
-float32). Per GPU with a replica and its particles (R = #GPUs, the particle actor and replica sharing the GPU):
+and adds the resident weights (the two UNets of the paper's two bases, SD 2.1-base for the score and SD 2.1 under
+the LoRA, text encoder and VAE in 16-bit; LoRA, camera MLP and AdamW moments in float32).
+Per GPU with a replica and its particles (R = #GPUs, the particle actor and replica sharing the GPU):
 
     memory(p) = weights + p (nerf + vae_encode + lora_unet) + context
     (context: a CUDA context per process, stated, not measured; the frozen UNet's CFG forward runs without grad and
@@ -21,19 +24,20 @@ float32). Per GPU with a replica and its particles (R = #GPUs, the particle acto
 Not counted: allocator fragmentation and transient workspaces (attention, convolution), which are why the answer is
 an estimate. The CPU's attention kernels save what the GPU's fused ones save (no attention matrix).
 
-    python benchmarks/sd_memory.py [--resolution 512] [--render-resolution 128] [--samples 32] [--out DIR]
+    python benchmarks/sd_memory.py [--resolution 512] [--render-resolution 128] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from pdray.priors.random_sd import sd21_configs
 
 GPU_GB = 80.0
 CONTEXT_GB = 0.6  # a CUDA context with cuBLAS/cuDNN handles, per process (two processes: particle actor, replica)
@@ -61,13 +65,6 @@ class SavedBytes:
     @property
     def gb(self) -> float:
         return sum(self.storages.values()) / 1e9
-
-
-def load_gpu_step():
-    spec = importlib.util.spec_from_file_location("gpu_step", Path(__file__).with_name("gpu_step.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def nbytes(module: torch.nn.Module) -> float:
@@ -112,25 +109,46 @@ def vae_encode_saved(configs: dict, dtype: torch.dtype, resolution: int) -> tupl
     return counter.gb, nbytes(vae)
 
 
-def nerf_saved(resolution: int, samples: int) -> float:
+def nerf_saved(resolution: int, measured_at: int, cameras: int = 4) -> dict:
+    """The paper preset's NeRF render (``configs/prolificdreamer.yaml``: hash grid, occupancy grid with early
+    termination, activations recomputed per chunk), from its blob initialisation after the grid's first refresh,
+    measured at ``measured_at`` px and scaled to ``resolution`` by the ray count; the largest over ``cameras`` cameras
+    drawn from the preset's ranges, and the nearest, narrowest camera the ranges allow (the blob fills the frame)."""
     from types import SimpleNamespace
 
-    from pdray.config import NerfConfig, RunConfig
-    from pdray.geometry.hashgrid import GridConfig
-    from pdray.geometry.nerf import FieldConfig
-    from pdray.render.cameras import CameraRanges, sample_cameras
+    from pdray.config import load_config
+    from pdray.render.cameras import CameraRanges, Cameras, sample_cameras
     from pdray.vsd.particle import NeRFParticle
 
-    field = FieldConfig(grid=GridConfig(), hidden_dim=64)  # the paper's hash grid, as benchmarks/gpu_step.py
-    config = RunConfig(prompt="a pineapple", nerf=NerfConfig(field=field, resolution=resolution, n_samples=samples))
+    config = load_config("prolificdreamer", [f"nerf.resolution={measured_at}"])
     particle = NeRFParticle(config, SimpleNamespace(device=torch.device("cpu")), 0)  # the render needs no prior
+    particle.occupancy.update(0, particle.field.density, particle.step_size, torch.Generator().manual_seed(0))
     c = config.camera
-    cameras = sample_cameras(1, CameraRanges(c.elevation, c.azimuth, c.distance, c.fov), torch.Generator())
+    drawn = sample_cameras(cameras, CameraRanges(c.elevation, c.azimuth, c.distance, c.fov), torch.Generator())
+    views = [drawn.index([i]) for i in range(cameras)]
+    views.append(Cameras(*(torch.tensor([v]) for v in (c.elevation[0], 0.0, c.distance[0], c.fov[0]))))
+    worst = {"saved_gb": 0.0}
+    scale = (resolution / measured_at) ** 2
+    for view in views:
+        counter = SavedBytes(particle.field)
+        with counter.counting():
+            out = particle.render(view, torch.Generator().manual_seed(0))
+        out.rgb.sum().backward()
+        samples = len(out.ray_index)
+        saved = (counter.gb + 12 * samples / 1e9) * scale  # the points each recomputed chunk keeps
+        if saved > worst["saved_gb"]:
+            worst = {"saved_gb": saved, "samples_per_ray": samples / measured_at**2, "samples": samples * scale}
+    chunk = config.nerf.recompute_chunk
     counter = SavedBytes(particle.field)
-    with counter.counting():
-        out = particle.render(cameras, torch.Generator().manual_seed(0))
-    out.rgb.sum().backward()
-    return counter.gb
+    points = torch.rand(chunk, 3) * 0.6 - 0.3
+    with counter.counting():  # one chunk's forward as the backward recomputes it
+        density, albedo = particle.field(points)
+    (density.sum() + albedo.sum()).backward()
+    return worst | {
+        "recompute_chunk_gb": counter.gb,
+        "kept_bytes_per_sample_without_recompute": counter.gb * 1e9 / chunk,
+        "occupied_fraction": particle.occupancy.occupied_fraction,
+    }
 
 
 def text_encoder_gb(configs: dict, dtype: torch.dtype) -> float:
@@ -143,12 +161,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=512, help="render and VAE resolution (pixels)")
     parser.add_argument("--render-resolution", type=int, default=128, help="NeRF render measured, then scaled")
-    parser.add_argument("--samples", type=int, default=32, help="NeRF samples per ray")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16  # the GPU's float16 has the same size; bfloat16 is what this CPU runs fast
-    configs = load_gpu_step().sd21_configs(tiny=False)
+    configs = sd21_configs("full", "lora")  # the LoRA's base; SD 2.1-base has the same UNet, VAE and text encoder
     started = time.perf_counter()
     timings = {}
 
@@ -159,24 +176,27 @@ def main() -> None:
         print(f"{name}: {out} ({timings[name]} s)", flush=True)
         return out
 
-    nerf = (
-        timed("nerf", nerf_saved, args.render_resolution, args.samples)
-        * (args.resolution / args.render_resolution) ** 2
-    )
+    nerf_report = timed("nerf", nerf_saved, args.resolution, args.render_resolution)
+    nerf = nerf_report["saved_gb"] + nerf_report["recompute_chunk_gb"]
     vae_act, vae_w = timed("vae_encode", vae_encode_saved, configs, dtype, args.resolution)
     lora_act, unet_w, lora_state, lora_params = timed(
         "lora_unet", lora_unet_saved, configs, dtype, args.resolution // 8
     )
     text_w = timed("text_encoder", text_encoder_gb, configs, dtype)
-    weights = unet_w + text_w + 2 * vae_w + lora_state  # the particle actor holds its own VAE
+    weights = 2 * unet_w + text_w + 2 * vae_w + lora_state  # two bases; the particle actor holds its own VAE
     per_particle = nerf + vae_act + lora_act
     fits = int((GPU_GB - weights - 2 * CONTEXT_GB) // per_particle)
     report = {
         "resolution": args.resolution,
-        "samples": args.samples,
         "nerf_measured_at": args.render_resolution,
+        "nerf": nerf_report,
         "per_particle_gb": {"nerf": nerf, "vae_encode": vae_act, "lora_unet": lora_act, "total": per_particle},
-        "resident_gb": {"unet": unet_w, "text_encoder": text_w, "vae_x2": 2 * vae_w, "lora_and_adamw": lora_state},
+        "resident_gb": {
+            "unets_x2": 2 * unet_w,
+            "text_encoder": text_w,
+            "vae_x2": 2 * vae_w,
+            "lora_and_adamw": lora_state,
+        },
         "lora_parameters": lora_params,
         "lora_gradient_mib": 4 * lora_params / 2**20,
         "context_gb": 2 * CONTEXT_GB,
