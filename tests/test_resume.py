@@ -148,11 +148,22 @@ def test_score_batch_size_changes_memory_only_not_the_lora_update(tiny_model, st
     assert adam_steps and all(float(s) == steps_per_update for s in adam_steps)
 
 
-@pytest.mark.parametrize("particle_score", ["lora", "gaussian"])
-def test_a_run_stopped_by_a_signal_resumes_to_exactly_the_uninterrupted_run(tiny_model, tmp_path, particle_score):
+MARCHED = ["nerf.occupancy.enabled=true", "nerf.occupancy.update_every=2", "nerf.occupancy.warmup_steps=6"]
+MARCHED += ["nerf.resolution={start: 16, end: 24, at_step: 8}", "nerf.recompute_chunk=256", "nerf.n_samples=32"]
+"""The paper preset's renderer: the occupancy grid refreshed in both of its modes, the resolution switching mid-run."""
+
+
+@pytest.mark.parametrize(
+    ("particle_score", "renderer"),
+    [("lora", []), ("gaussian", []), ("gaussian", MARCHED)],
+    ids=["lora", "gaussian", "marched"],
+)
+def test_a_run_stopped_by_a_signal_resumes_to_exactly_the_uninterrupted_run(
+    tiny_model, tmp_path, particle_score, renderer
+):
     from pdray.run.local_executor import run_local
 
-    config = tiny_config(tiny_model, f"particle_score={particle_score}", "steps=16")
+    config = tiny_config(tiny_model, f"particle_score={particle_score}", "steps=16", *renderer)
     run_local(config, tmp_path / "whole")
     _, expected = load_checkpoint(tmp_path / "whole")
 

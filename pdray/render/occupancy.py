@@ -98,8 +98,11 @@ class OccupancyGrid(nn.Module):
             cells = torch.cat([uniform, occupied[picks]]) if len(occupied) else uniform
         ijk = torch.stack([cells // (res * res), (cells // res) % res, cells % res], dim=1).float()
         points = ((ijk + draw_uniform(tuple(ijk.shape), generator, device)) / res * 2.0 - 1.0) * self.radius
-        values = torch.cat([density_fn(chunk) for chunk in points.split(CHUNK)]) * step_size
-        self.density[cells] = torch.maximum(self.density[cells] * self.decay, values.float())
+        values = torch.cat([density_fn(chunk) for chunk in points.split(CHUNK)]).float() * step_size
+        # a cell drawn twice takes the larger value: a reduction in any order gives the same grid (resume is exact)
+        fresh = torch.full_like(self.density, -1.0).scatter_reduce_(0, cells, values, "amax")
+        touched = fresh >= 0.0
+        self.density.copy_(torch.where(touched, torch.maximum(self.density * self.decay, fresh), self.density))
         self.occupied.copy_(self.density > min(self.threshold, float(self.density.mean())))
         return True
 
