@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     lora_parameters = next((r["lora_parameters"] for r in rows if "lora_parameters" in r), 0)
     lora_bytes = 4 * lora_parameters  # float32 gradients
-    latent_bytes = 4 * prior.latent_channels * (args.resolution // prior.vae_scale) ** 2
+    latent_bytes = 4 * prior.latent_channels * (prior.image_resolution // prior.vae_scale) ** 2  # renders encode at 512
     bandwidth, pcie, latency = args.bandwidth_gbs * 1e9, args.pcie_gbs * 1e9, args.latency_ms * 1e-3
     exchange = allreduce_seconds(max(GPU_COUNTS), lora_bytes, bandwidth, pcie, latency)
     model_text = (
