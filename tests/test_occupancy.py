@@ -89,6 +89,14 @@ def test_marched_render_matches_the_dense_one_with_a_fraction_of_the_samples() -
     assert len(marched.ray_index) < n_dense  # every sample in an occupied cell, so no more than the dense hits
 
 
+def test_rays_that_miss_the_sphere_render_the_background() -> None:
+    ball = Ball(sigma=8.0)
+    origins = torch.tensor([0.0, 0.0, 3.0]).expand(1, 4, 4, 3)
+    dirs = torch.tensor([0.0, 0.0, 1.0]).expand(1, 4, 4, 3)  # looking away from the object
+    out = render_marched(ball, white, origins, dirs, OccupancyGrid(), 0.01, ball.density)
+    assert len(out.ray_index) == 0 and out.opacity.sum() == 0 and (out.rgb == 1).all()
+
+
 def test_early_termination_drops_samples_behind_an_opaque_surface_only() -> None:
     ball = Ball(sigma=400.0, radius=0.35)
     origins, dirs = rays()

@@ -132,7 +132,8 @@ def _march_torch(
     n_steps = max(1, math.ceil(float((far - near).max()) / step_size)) if len(near) else 1
     offsets = (torch.arange(n_steps, device=near.device) + 0.5) * step_size
     rays_per_chunk = max(1, CHUNK // n_steps)
-    index, starts = [], []
+    index = [torch.zeros(0, dtype=torch.long, device=near.device)]  # no ray hitting the sphere: no samples
+    starts = [near.new_zeros(0)]
     for lo in range(0, len(near), rays_per_chunk):
         hi = min(lo + rays_per_chunk, len(near))
         mid = near[lo:hi, None] + offsets  # [r, K] midpoints
