@@ -155,9 +155,7 @@ def test_nerfacc_traversal_renders_as_the_torch_marcher(record_parity) -> None:
     step = 2 * math.sqrt(3) / 256
     grid = updated_grid(ball, step).cuda()
     outs = {
-        backend: render_marched(
-            ball, white, origins, dirs, grid, step, ball.density, stratified=False, backend=backend
-        )
+        backend: render_marched(ball, white, origins, dirs, grid, step, ball.density, stratified=False, backend=backend)
         for backend in ("torch", "nerfacc")
     }
     opacity = (outs["torch"].opacity - outs["nerfacc"].opacity).abs()
