@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from annotated_types import Ge
 from torch import nn
 
-from pdray.backends import cuda_extension_unavailable_reason
+from pdray.backends import tinycudann_unavailable_reason
 
 GridKind = Literal["hashgrid", "dense"]
 Backend = Literal["auto", "torch", "tcnn"]
@@ -228,8 +228,9 @@ class TcnnHashGridEncoding(nn.Module):
 
 
 def tcnn_unavailable_reason() -> str | None:
-    """Why ``auto`` would not use tinycudann here, or None when it would."""
-    return cuda_extension_unavailable_reason("tinycudann")
+    """Why ``auto`` would not use tinycudann here, or None when it would: a real try of a tiny encoding, forward and
+    backward, once per process (``pdray.backends``)."""
+    return tinycudann_unavailable_reason()
 
 
 def encoding_backend_name(backend: Backend, kind: GridKind = "hashgrid") -> Literal["torch", "tcnn"]:

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import torch
 
-from pdray.backends import cuda_extension_unavailable_reason
+from pdray.backends import nvdiffrast_unavailable_reason as _nvdiffrast_reason
 from pdray.render.cameras import Cameras
 
 Backend = Literal["auto", "torch", "nvdiffrast"]
@@ -100,15 +100,16 @@ def project(verts_world: torch.Tensor, cameras: Cameras, near: float = 0.05, far
 
 
 def nvdiffrast_unavailable_reason() -> str | None:
-    """Why ``auto`` would not use nvdiffrast here, or None when it would."""
-    return cuda_extension_unavailable_reason("nvdiffrast.torch")
+    """Why ``auto`` would not use nvdiffrast here, or None when it would: a real try (its JIT build, a context and
+    one triangle rasterised), once per process (``pdray.backends``)."""
+    return _nvdiffrast_reason()
 
 
 def backend_name(backend: Backend = "auto", device: torch.device | str | None = None) -> Literal["torch", "nvdiffrast"]:
     """The backend ``rasterize`` uses for tensors on ``device`` (any CUDA device when None); ``pdray doctor`` prints it.
 
-    ``auto`` picks nvdiffrast for CUDA tensors when it imports, else torch; an explicit choice is returned as is
-    (``rasterize`` raises if it cannot be honoured; ``nvdiffrast_unavailable_reason`` says why).
+    ``auto`` picks nvdiffrast for CUDA tensors where its real try works, else torch; an explicit choice is returned
+    as is (``rasterize`` raises if it cannot be honoured; ``nvdiffrast_unavailable_reason`` says why).
     """
     if backend != "auto":
         return backend
