@@ -30,8 +30,10 @@ def doctor() -> None:
     """Versions, CUDA devices, the backend each piece would use, and whether the default prior is present."""
     import torch
 
+    from pdray.backends import nerfacc_unavailable_reason
     from pdray.geometry.hashgrid import encoding_backend_name, tcnn_unavailable_reason
     from pdray.priors.diffusion import TOY_MODEL_DIR
+    from pdray.render.occupancy import march_backend_name
     from pdray.render.raster import backend_name as raster_backend
     from pdray.render.raster import nvdiffrast_unavailable_reason
 
@@ -55,6 +57,9 @@ def doctor() -> None:
     typer.echo(
         f"rasteriser  {raster_backend('auto')}" + (f" (nvdiffrast unused: {raster_reason})" if raster_reason else "")
     )
+    marcher_reason = nerfacc_unavailable_reason()
+    marcher = march_backend_name("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    typer.echo(f"ray marcher {marcher}" + (f" (nerfacc unused: {marcher_reason})" if marcher_reason else ""))
     present = (TOY_MODEL_DIR / "model_index.json").exists()
     typer.echo(f"toy prior   {'present' if present else 'MISSING'} at {TOY_MODEL_DIR}")
 

@@ -1,11 +1,15 @@
+import torch
 from pdray.cli.main import app
 from typer.testing import CliRunner
 
+from pdray import backends
 from pdray.geometry import hashgrid
 from pdray.render import raster
+from pdray.render.occupancy import march_backend_name
 from pdray.vsd.checkpoint import checkpoint_folder
 
 runner = CliRunner()
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_help_lists_every_command():
@@ -27,6 +31,7 @@ def test_doctor_reports_the_backends_pdray_selects_here():
     for label, backend, reason in [
         ("hash grid", hashgrid.encoding_backend_name("auto"), hashgrid.tcnn_unavailable_reason()),
         ("rasteriser", raster.backend_name("auto"), raster.nvdiffrast_unavailable_reason()),
+        ("ray marcher", march_backend_name("auto", DEVICE), backends.nerfacc_unavailable_reason()),
     ]:
         line = doctor_line(result.output, label)
         assert line.split()[len(label.split())] == backend, line
