@@ -8,11 +8,12 @@ runs the smallest piece of work pdray would ask of it, forward and (for tinycuda
 - ``nvdiffrast``: a ``RasterizeCudaContext`` rasterising one triangle at 8 x 8;
 - ``nerfacc``: ``OccGridEstimator(...).sampling`` of 4 rays through a fully occupied 8^3 grid.
 
-A try that raises, or gives a wrong answer, makes the extension unavailable with the error as its reason (never an
-error of the caller). Each extension is tried once per process (the first to ask; later callers get the same
-answer). Without CUDA the reason is "CUDA is not available" and the extension is never imported. The environment
-variable ``PDRAY_DISABLE_BACKENDS`` (comma-separated names, or ``all``) rules extensions out without a try, e.g. where
-an earlier process found one broken and a rebuild would only cost time again (``scripts/gpu_check.sh`` uses it).
+An extension that does not import ("does not import (...)"), or whose try raises or gives a wrong answer ("failed its
+try on this GPU (...)": a JIT build that breaks, say), is unavailable with the error as its reason, never an error of
+the caller. Each extension is tried once per process (the first to ask; later callers get the same answer). Without
+CUDA the reason is "CUDA is not available" and the extension is never imported. The environment variable
+``PDRAY_DISABLE_BACKENDS`` (comma-separated names, or ``all``) rules extensions out without a try, e.g. where an
+earlier process found one broken and a rebuild would only cost time again (``scripts/gpu_check.sh`` uses it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import importlib
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -31,8 +33,7 @@ _tried: dict[str, str | None] = {}
 _lock = threading.Lock()
 
 
-def _try_tinycudann() -> None:
-    tcnn = importlib.import_module("tinycudann")
+def _try_tinycudann(tcnn: Any) -> None:
     config = {
         "otype": "HashGrid",
         "n_levels": 2,
@@ -53,8 +54,7 @@ def _try_tinycudann() -> None:
         raise RuntimeError("its backward gave no finite gradient of the grid")
 
 
-def _try_nvdiffrast() -> None:
-    dr = importlib.import_module("nvdiffrast.torch")
+def _try_nvdiffrast(dr: Any) -> None:
     context = dr.RasterizeCudaContext()  # on the current CUDA device
     pos = torch.tensor([[[-0.8, -0.8, 0.0, 1.0], [0.8, -0.8, 0.0, 1.0], [0.0, 0.8, 0.0, 1.0]]], device="cuda")
     tri = torch.tensor([[0, 1, 2]], dtype=torch.int32, device="cuda")
@@ -65,8 +65,7 @@ def _try_nvdiffrast() -> None:
         raise RuntimeError(f"one triangle rasterised to {tuple(raster.shape)} covering {covered} of 64 pixels")
 
 
-def _try_nerfacc() -> None:
-    nerfacc = importlib.import_module("nerfacc")
+def _try_nerfacc(nerfacc: Any) -> None:
     estimator = nerfacc.OccGridEstimator(roi_aabb=[-1, -1, -1, 1, 1, 1], resolution=8).to("cuda")
     estimator.binaries.fill_(True)
     origins = torch.tensor([[0.0, 0.0, -3.0]], device="cuda").expand(4, 3).contiguous()
@@ -79,12 +78,12 @@ def _try_nerfacc() -> None:
         raise RuntimeError(f"4 rays through an occupied grid gave {len(index)} samples on rays {set(index.tolist())}")
 
 
-PROBES: dict[str, Callable[[], None]] = {
-    "tinycudann": _try_tinycudann,
-    "nvdiffrast": _try_nvdiffrast,
-    "nerfacc": _try_nerfacc,
+PROBES: dict[str, tuple[str, Callable[[Any], None]]] = {
+    "tinycudann": ("tinycudann", _try_tinycudann),
+    "nvdiffrast": ("nvdiffrast.torch", _try_nvdiffrast),
+    "nerfacc": ("nerfacc", _try_nerfacc),
 }
-"""The real try of each extension: returns when the extension works here, raises otherwise."""
+"""Each extension's module and its real try of it: returns when the extension works here, raises otherwise."""
 
 
 def cuda_extension_unavailable_reason(name: str) -> str | None:
@@ -103,12 +102,21 @@ def cuda_extension_unavailable_reason(name: str) -> str | None:
         return f"disabled by {DISABLE_ENV}"
     with _lock:
         if name not in _tried:
-            try:
-                PROBES[name]()
-                _tried[name] = None
-            except Exception as error:  # any failure of the try (import, JIT build, kernel, wrong answer) rules it out
-                _tried[name] = f"{name} failed its try on this GPU ({type(error).__name__}: {_first_lines(error)})"
+            _tried[name] = _try(name)
         return _tried[name]
+
+
+def _try(name: str) -> str | None:
+    module_name, probe = PROBES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # not installed, or a broken install (a missing shared library, say)
+        return f"{name} does not import ({type(error).__name__}: {_first_lines(error)})"
+    try:
+        probe(module)
+    except Exception as error:  # any failure of the try (JIT build, kernel, wrong answer) rules it out
+        return f"{name} failed its try on this GPU ({type(error).__name__}: {_first_lines(error)})"
+    return None
 
 
 def forget_tries() -> None:
