@@ -36,6 +36,7 @@ from pdray.render.volume import (
     NormalFn,
     Shading,
     VolumeRender,
+    background_images,
     draw_uniform,
     intersect_sphere,
     shade,
@@ -253,7 +254,7 @@ def render_marched(
     jitter, then the background choice and colours (as ``render_volume``)."""
     if origins.dim() != 4:
         raise ValueError(f"origins and dirs must be [B, H, W, 3], got {tuple(origins.shape)}")
-    batch_shape, device = origins.shape[:-1], origins.device
+    batch_shape = origins.shape[:-1]
     o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
     n_rays = o.shape[0]
     index, starts = march(
@@ -285,12 +286,7 @@ def render_marched(
         return summed.view(*batch_shape, -1)
 
     opacity = composite(torch.ones_like(weights)[:, None])
-    bg = background(d).view(*batch_shape, 3)
-    if random_background_prob > 0.0:
-        n_images = batch_shape[0]
-        use_random = draw_uniform((n_images,), generator, device) < random_background_prob
-        colours = draw_uniform((n_images, 3), generator, device)
-        bg = torch.where(use_random[:, None, None, None], colours[:, None, None, :].to(bg), bg)
+    bg = background_images(background, dirs, random_background_prob, generator)
     return VolumeRender(
         rgb=composite(colour) + (1.0 - opacity) * bg,
         opacity=opacity,

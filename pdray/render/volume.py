@@ -102,6 +102,20 @@ def draw_uniform(shape: tuple[int, ...], generator: torch.Generator | None, devi
     return torch.rand(shape, generator=generator, device=where).to(device)
 
 
+def background_images(
+    background: BackgroundFn, dirs: torch.Tensor, random_background_prob: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The background ``[B, H, W, 3]`` behind rays ``dirs: [B, H, W, 3]``: ``background``'s, or with probability
+    ``random_background_prob`` per image a random solid colour (drawn from ``generator``: the choices, the colours)."""
+    bg = background(dirs.reshape(-1, 3)).view(*dirs.shape)
+    if random_background_prob > 0.0:
+        n_images = dirs.shape[0]
+        use_random = draw_uniform((n_images,), generator, dirs.device) < random_background_prob
+        colours = draw_uniform((n_images, 3), generator, dirs.device)
+        bg = torch.where(use_random[:, None, None, None], colours[:, None, None, :].to(bg), bg)
+    return bg
+
+
 def render_volume(
     field: FieldFn,
     background: BackgroundFn,
@@ -162,12 +176,7 @@ def render_volume(
         return _scatter_rays((weights[..., None] * values).sum(1), rays, n_rays).view(*batch_shape, -1)
 
     opacity = _scatter_rays(weights.sum(1, keepdim=True), rays, n_rays).view(*batch_shape, 1)
-    bg = background(d).view(*batch_shape, 3)
-    if random_background_prob > 0.0:
-        n_images = batch_shape[0]
-        use_random = draw_uniform((n_images,), generator, device) < random_background_prob
-        colours = draw_uniform((n_images, 3), generator, device)
-        bg = torch.where(use_random[:, None, None, None], colours[:, None, None, :].to(bg), bg)
+    bg = background_images(background, dirs, random_background_prob, generator)
     return VolumeRender(
         rgb=composite(colour) + (1.0 - opacity) * bg,
         opacity=opacity,
