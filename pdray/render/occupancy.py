@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from pdray.backends import nerfacc_unavailable_reason
-from pdray.render.cameras import fixed_light_direction
 from pdray.render.volume import (
     BackgroundFn,
     FieldFn,
@@ -39,6 +38,7 @@ from pdray.render.volume import (
     background_images,
     draw_uniform,
     intersect_sphere,
+    ray_lights,
     shade,
 )
 
@@ -275,10 +275,7 @@ def render_marched(
     tau = density * step_size
     weights = (1.0 - torch.exp(-tau)) * torch.exp(-segment_exclusive_cumsum(tau, index, n_rays))
     normals = normal_fn(points) if normal_fn is not None else None
-    if light_direction is None:
-        light_direction = fixed_light_direction()
-    light = light_direction.to(o).reshape(-1, 1, 1, 3).expand(*batch_shape, 3).reshape(-1, 3)
-    colour = shade(albedo, normals, light[index], shading, ambient)
+    colour = shade(albedo, normals, ray_lights(light_direction, batch_shape, o)[index], shading, ambient)
 
     def composite(values: torch.Tensor) -> torch.Tensor:
         """sum_i w_i * values_i over each ray's samples: [B, H, W, C]."""

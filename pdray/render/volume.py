@@ -102,6 +102,14 @@ def draw_uniform(shape: tuple[int, ...], generator: torch.Generator | None, devi
     return torch.rand(shape, generator=generator, device=where).to(device)
 
 
+def ray_lights(light_direction: torch.Tensor | None, batch_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """The direction towards the light ``[B * H * W, 3]`` of each ray, from ``[3]`` or ``[B, 3]`` (default
+    ``fixed_light_direction()``), as ``like``'s dtype and device."""
+    if light_direction is None:
+        light_direction = fixed_light_direction()
+    return light_direction.to(like).reshape(-1, 1, 1, 3).expand(*batch_shape, 3).reshape(-1, 3)
+
+
 def background_images(
     background: BackgroundFn, dirs: torch.Tensor, random_background_prob: float, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -149,9 +157,7 @@ def render_volume(
     batch_shape, device = origins.shape[:-1], origins.device
     o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
     n_rays = o.shape[0]
-    if light_direction is None:
-        light_direction = fixed_light_direction()
-    light = light_direction.to(o).reshape(-1, 1, 1, 3).expand(*batch_shape, 3).reshape(-1, 3)
+    light = ray_lights(light_direction, batch_shape, o)
 
     t_near, t_far, hit = intersect_sphere(o, d, radius)
     rays = hit.nonzero().squeeze(1)  # [R] indices of the rays that are sampled
