@@ -44,3 +44,13 @@ def test_colour_open_prompts_get_every_colour_and_symmetric_shapes_no_view_read(
     assert read == {"views_right": None, "shape_right": 1.0}
     with pytest.raises(ValueError, match="names no shape"):
         world_renders("a pineapple", cameras, 32)
+
+
+def test_world_kid_over_batches_is_world_kid_over_their_concatenation(judge):
+    cameras = orbit_cameras(4)
+    world = world_renders("a mug", cameras, 32)
+    views = world_renders("a red mug", cameras, 32, seed=3)
+    whole = world_kid(judge, views, world)
+    assert world_kid(judge, views.split(4), world) == pytest.approx(whole, rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        world_kid(judge, [views[:1]], world)

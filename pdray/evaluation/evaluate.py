@@ -21,6 +21,7 @@ checkpoint, after the mesh stage and in ``pdray eval`` alike, so the numbers do 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from pdray.config import ConfigError, RunConfig, load_config
 from pdray.evaluation.clip_judge import DISTRACTORS, ClipJudge, ClipNotFoundError, load_clip_judge
-from pdray.evaluation.metrics import HUE_BINS, dominant_hue, foreground_brightness, foreground_saturation, haze
+from pdray.evaluation.metrics import HUE_BINS, dominant_hue, foreground_saturation, foreground_value_total, haze_counts
 from pdray.evaluation.report import write_run_report
 from pdray.evaluation.tables import TABLE_METRICS
 from pdray.evaluation.tracking import Tracker, mean_pairwise_distance
@@ -83,49 +84,71 @@ def evaluate_checkpoint(config: RunConfig, group, run_dir: Path, step: int, trac
 
 
 @torch.no_grad()
-def score_views(config: RunConfig, views: dict[int, torch.Tensor]) -> dict[str, Any]:
-    everything = torch.cat(list(views.values()))
+def score_views(config: RunConfig, views: Mapping[int, torch.Tensor]) -> dict[str, Any]:
+    """The pixel and toy-judge metrics of views {particle id: [V, 3, H, W] in [0, 1]}. Each particle's views are
+    read once and reduced to a few numbers and a feature vector, so ``views`` can be a ``ViewsOnDisk`` of
+    thousands of particles: the views are never all in memory at once."""
+    toy = config.prior.model == TOY_MODEL and (TOY_MODEL_DIR / "judge").exists()
+    judge = load_judge(TOY_MODEL_DIR / "judge") if toy else None
+    saturation, value_total, value_count, faint, solid = 0.0, 0.0, 0, 0, 0
+    hues, agreement, confidence, colours, same_colour = set(), {}, [], [], []
+    features = small = None  # [P, D] each, filled row by row (``_put_row``)
+    for i, (pid, images) in enumerate(views.items()):
+        saturation += foreground_saturation(images)
+        total, count = foreground_value_total(images)
+        value_total, value_count = value_total + total, value_count + count
+        faint_pixels, solid_pixels = haze_counts(images)
+        faint, solid = faint + faint_pixels, solid + solid_pixels
+        hues.add(dominant_hue(images))
+        if judge is None:
+            small = _put_row(small, i, len(views), F.interpolate(images, size=(32, 32), mode="area").flatten())
+            continue
+        agreement[pid] = float(judge.agreement(images, config.prompt).mean())
+        confidence.append(float(judge.confidence(images, config.prompt).mean()))
+        per_view = judge.classify(images)["colour"]
+        colours.append(max(dict.fromkeys(per_view), key=per_view.count))
+        same_colour.append(per_view.count(colours[-1]) / len(per_view))
+        features = _put_row(features, i, len(views), judge.features(images).mean(0))
     result: dict[str, Any] = {
-        "saturation": sum(foreground_saturation(v) for v in views.values()) / len(views),
-        "brightness": foreground_brightness(everything),
-        "haze": haze(everything),
-        "distinct_hues": len({dominant_hue(v) for v in views.values()}),
+        "saturation": saturation / len(views),
+        "brightness": value_total / value_count if value_count else 0.0,
+        "haze": faint / max(solid, 1),
+        "distinct_hues": len(hues),
     }
-    if config.prior.model == TOY_MODEL and (TOY_MODEL_DIR / "judge").exists():
-        judge = load_judge(TOY_MODEL_DIR / "judge")
-        agreement, confidence, colours, features, same_colour = {}, [], [], [], []
-        for pid, images in views.items():
-            agreement[pid] = float(judge.agreement(images, config.prompt).mean())
-            confidence.append(float(judge.confidence(images, config.prompt).mean()))
-            per_view = judge.classify(images)["colour"]
-            colours.append(max(dict.fromkeys(per_view), key=per_view.count))
-            same_colour.append(per_view.count(colours[-1]) / len(per_view))
-            features.append(judge.features(images).mean(0))
-        result["judge_agreement"] = sum(agreement.values()) / len(agreement)
-        result["judge_agreement_per_particle"] = agreement
-        result["judge_confidence"] = sum(confidence) / len(confidence)
-        result["judged_colours"] = colours
-        # The world's objects are one colour all round: a particle painted per view is not one 3D object.
-        result["colour_consistency"] = sum(same_colour) / len(same_colour)
-        result["colour_entropy"] = colour_entropy(colours)
-        result["colour_entropy_fraction"] = colour_entropy(colours) / max_colour_entropy()
-        result["diversity"] = mean_pairwise_distance(torch.stack(features))
-        result["diversity_measure"] = "mean pairwise distance of toy-judge features"
-        if config.particle == "nerf" and parse_prompt(config.prompt).shape is not None:
-            result |= world_scores(config, views, judge)
-    else:
-        small = [F.interpolate(v, size=(32, 32), mode="area").flatten() for v in views.values()]
-        result["diversity"] = mean_pairwise_distance(torch.stack(small))
+    if judge is None:
+        result["diversity"] = mean_pairwise_distance(small)
         result["diversity_measure"] = "mean pairwise RGB distance of 32x32 renders"
+        return result
+    result["judge_agreement"] = sum(agreement.values()) / len(agreement)
+    result["judge_agreement_per_particle"] = agreement
+    result["judge_confidence"] = sum(confidence) / len(confidence)
+    result["judged_colours"] = colours
+    # The world's objects are one colour all round: a particle painted per view is not one 3D object.
+    result["colour_consistency"] = sum(same_colour) / len(same_colour)
+    result["colour_entropy"] = colour_entropy(colours)
+    result["colour_entropy_fraction"] = colour_entropy(colours) / max_colour_entropy()
+    result["diversity"] = mean_pairwise_distance(features)
+    result["diversity_measure"] = "mean pairwise distance of toy-judge features"
+    if config.particle == "nerf" and parse_prompt(config.prompt).shape is not None:
+        result |= world_scores(config, views, judge)
     return result
 
 
-def orbit_of(config: RunConfig, views: dict[int, torch.Tensor]) -> Cameras:
+def _put_row(rows: torch.Tensor | None, index: int, count: int, row: torch.Tensor) -> torch.Tensor:
+    """``row`` written into ``rows[index]``, a [count, row.numel()] tensor made at the first row. One block, not
+    thousands of small tensors: those, held between large temporary allocations, fragment the heap (2048 rows of
+    512 bytes kept 140 MB resident)."""
+    rows = row.new_empty(count, row.numel()) if rows is None else rows
+    rows[index] = row.flatten()
+    return rows
+
+
+def orbit_of(config: RunConfig, views: Mapping[int, torch.Tensor]) -> Cameras:
     """The cameras of views on disk: the evaluation orbit with as many cameras as each particle has views."""
     return eval_cameras(config, next(iter(views.values())).shape[0])
 
 
-def world_scores(config: RunConfig, views: dict[int, torch.Tensor], judge) -> dict[str, Any]:
+def world_scores(config: RunConfig, views: Mapping[int, torch.Tensor], judge) -> dict[str, Any]:
     """The toy world as the reference (``pdray.evaluation.world_eval``): each particle's view and shape read from the
     orbit's front / side / back cameras, the same read on the world's own renders of the prompt's object (the ceiling),
     and the kernel distance of all the particles' views to those renders."""
@@ -137,7 +160,7 @@ def world_scores(config: RunConfig, views: dict[int, torch.Tensor], judge) -> di
     out: dict[str, Any] = {
         "shape_right": sum(r["shape_right"] for r in reads.values()) / len(reads),
         "shape_right_world": sum(r["shape_right"] for r in ceiling) / len(ceiling),
-        "world_kid": world_kid(judge, torch.cat(list(views.values())), world, seed=config.seed),
+        "world_kid": world_kid(judge, views.values(), world, seed=config.seed),
     }
     if views_matter(config.prompt):
         out["views_right"] = sum(r["views_right"] for r in reads.values()) / len(reads)
@@ -161,8 +184,9 @@ PIXEL_METRICS = ("saturation", "brightness", "haze", "distinct_hues")
 """The image statistics every prior gets (``score_views``); the rest of its metrics are the toy judge's."""
 
 
-def judge_views(config: RunConfig, views: dict[int, torch.Tensor], clip: ClipJudge | None = None) -> Evaluation:
-    """Every judge that applies to this run on views {particle id: [V, 3, H, W] in [0, 1]}; CLIP's if given."""
+def judge_views(config: RunConfig, views: Mapping[int, torch.Tensor], clip: ClipJudge | None = None) -> Evaluation:
+    """Every judge that applies to this run on views {particle id: [V, 3, H, W] in [0, 1]}; CLIP's if given.
+    Each judge reads the views one particle at a time (``score_views``)."""
     metrics = score_views(config, views)
     toy = "judge_agreement" in metrics
     judge_of = {k: "pixels" if k in PIXEL_METRICS or not toy else "toy" for k in metrics}
@@ -202,15 +226,29 @@ def _frames(path: Path) -> torch.Tensor:
     return array.permute(0, 3, 1, 2).float() / 255
 
 
-def load_views(run_dir: Path, stage: str = "nerf") -> dict[int, torch.Tensor]:
+class ViewsOnDisk(Mapping[int, torch.Tensor]):
+    """A run folder's particle views, {particle id: [V, 3, H, W] in [0, 1]}, each read from its file when asked for
+    and not kept: judging thousands of particles holds one particle's views at a time."""
+
+    def __init__(self, paths: dict[int, Path]):
+        self.paths = paths
+
+    def __getitem__(self, particle: int) -> torch.Tensor:
+        return _frames(self.paths[particle])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def load_views(run_dir: Path, stage: str = "nerf") -> ViewsOnDisk:
     """The particles' views on disk: particles/NN/views.png (stage "nerf": NeRF or 2D particles) or
-    particles/NN/mesh/turntable.gif (stage "mesh"); particles without the file are left out."""
+    particles/NN/mesh/turntable.gif (stage "mesh"); particles without the file are left out. Read lazily."""
     name = "views.png" if stage == "nerf" else "mesh/turntable.gif"
-    return {
-        int(folder.name): _frames(folder / name)
-        for folder in sorted((run_dir / "particles").glob("[0-9]*"))
-        if (folder / name).is_file()
-    }
+    folders = sorted((run_dir / "particles").glob("[0-9]*"))
+    return ViewsOnDisk({int(f.name): f / name for f in folders if (f / name).is_file()})
 
 
 def run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:

@@ -45,10 +45,17 @@ def hsv_value(images: torch.Tensor) -> torch.Tensor:
     return images.float().clamp(0, 1).amax(dim=1)
 
 
+def foreground_value_total(images: torch.Tensor, tolerance: float = 0.08) -> tuple[float, int]:
+    """The sum of HSV value over the foreground pixels of images [N, 3, H, W], and their count: the parts of
+    ``foreground_brightness``, to be summed over batches."""
+    mask = foreground_mask(images, tolerance)
+    return float(hsv_value(images)[mask].double().sum()), int(mask.sum())
+
+
 def foreground_brightness(images: torch.Tensor, tolerance: float = 0.08) -> float:
     """Mean HSV value over the foreground pixels of images [N, 3, H, W]; 0.0 with no foreground."""
-    mask = foreground_mask(images, tolerance)
-    return float(hsv_value(images)[mask].mean()) if mask.any() else 0.0
+    total, count = foreground_value_total(images, tolerance)
+    return total / count if count else 0.0
 
 
 HUE_BINS = 12
@@ -92,10 +99,15 @@ def haze(images: torch.Tensor, faint: tuple[float, float] = (0.03, 0.25)) -> flo
     A pixel is faint when its distance to the background colour lies in ``faint`` (visible, but mostly
     background) and solid above it. A crisp object on a clean background has only its anti-aliased rim faint.
     """
+    faint_pixels, solid = haze_counts(images, faint)
+    return faint_pixels / max(solid, 1)
+
+
+def haze_counts(images: torch.Tensor, faint: tuple[float, float] = (0.03, 0.25)) -> tuple[int, int]:
+    """The faint and the solid foreground pixels of images [N, 3, H, W] (``haze``'s parts, to be summed over
+    batches)."""
     d = distance_to_background(images)
-    faint_pixels = ((d > faint[0]) & (d <= faint[1])).sum()
-    solid = (d > faint[1]).sum()
-    return float(faint_pixels / solid.clamp(min=1))
+    return int(((d > faint[0]) & (d <= faint[1])).sum()), int((d > faint[1]).sum())
 
 
 def edge_energy(images: torch.Tensor) -> float:

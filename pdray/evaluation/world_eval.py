@@ -18,6 +18,7 @@ CLIP's version of the view read, for any prior, is ``pdray.evaluation.clip_judge
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -111,20 +112,26 @@ class _JudgeFeatures(nn.Module):
 
 
 @torch.no_grad()
-def world_kid(judge: Judge, views: torch.Tensor, world: torch.Tensor, subsets: int = 50, seed: int = 0) -> float:
-    """KID (torchmetrics' KernelInceptionDistance, in the judge's features) between views [N, 3, H, W] and the
-    world's renders [M, 3, H, W], over ``subsets`` random subsets of min(N, M) of each (drawn from a forked,
-    seeded generator, so the number is reproducible). 0 in expectation for the world's own distribution."""
+def world_kid(
+    judge: Judge, views: torch.Tensor | Iterable[torch.Tensor], world: torch.Tensor, subsets: int = 50, seed: int = 0
+) -> float:
+    """KID (torchmetrics' KernelInceptionDistance, in the judge's features) between views [N, 3, H, W] (or batches
+    of them, judged one at a time, so a run's views need not be in memory at once) and the world's renders
+    [M, 3, H, W], over ``subsets`` random subsets of min(N, M) of each (drawn from a forked, seeded generator, so
+    the number is reproducible). 0 in expectation for the world's own distribution."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    size = min(views.shape[0], world.shape[0])
-    if size < 2:
-        raise ValueError("world_kid needs at least 2 views and 2 world renders")
     with warnings.catch_warnings():  # "will save all extracted features": a few hundred vectors here
         warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=_JudgeFeatures(judge), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=_JudgeFeatures(judge), subsets=subsets, subset_size=world.shape[0])
     metric.update(world, real=True)
-    metric.update(views, real=False)
+    count = 0
+    for batch in [views] if isinstance(views, torch.Tensor) else views:
+        metric.update(batch, real=False)
+        count += batch.shape[0]
+    metric.subset_size = min(count, world.shape[0])  # known only once every batch is in
+    if metric.subset_size < 2:
+        raise ValueError("world_kid needs at least 2 views and 2 world renders")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         mean, _ = metric.compute()
