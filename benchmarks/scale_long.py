@@ -3,13 +3,14 @@ CLI, stopped by SIGINT midway and resumed, then the particles' diversity against
 
 1. ``pdray run --config image2d --particles P ...`` in a subprocess; SIGINT once ``--stop-at`` steps are logged
    (the run checkpoints the step in flight and exits with 130);
-2. ``pdray resume RUN``, to the end;
+2. ``pdray resume RUN``, to the end; through both, each checkpoint's evaluation (eval.json) is recorded as it is
+   written, a curve of how the colours settle;
 3. the particles' views from disk (particles/NN/views.png) and ``--samples`` DDIM samples of the prior (CFG 7.5),
    scored alike (``pdray.evaluation.quality.set_quality``): colour entropy (fraction of the maximum), distinct hues,
    hue entropy, saturation, brightness, haze, judge agreement, and the KID of each set to a second, independent
    draw of samples (the samples' own KID is the floor).
 
-Prints the table and writes ``--out``/table.json and a sheet (64 particles on top, 64 samples below).
+Prints the curve and the table and writes ``--out``/table.json and a sheet (64 particles on top, 64 samples below).
 
     python benchmarks/scale_long.py [--particles 2048] [--steps 150] [--stop-at 60] [--samples 512] [--out DIR]
 """
@@ -44,18 +45,41 @@ def logged_steps(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def run_with_stop(args: argparse.Namespace, run_dir: Path, env: dict) -> dict:
-    """pdray run, SIGINT at --stop-at logged steps, pdray resume; returns what each phase did."""
+CURVE = ("colour_entropy_fraction", "distinct_hues", "saturation", "brightness", "haze", "judge_agreement")
+
+
+def watch(proc: subprocess.Popen, run_dir: Path, curve: dict[int, dict], stop_at: int | None = None) -> int:
+    """Wait for ``proc`` (SIGINT once ``stop_at`` steps are logged), recording each checkpoint's evaluation
+    (eval.json, rewritten atomically at every checkpoint) into ``curve``; returns its exit code."""
+    while proc.poll() is None:
+        if stop_at is not None and logged_steps(run_dir) >= stop_at:
+            proc.send_signal(signal.SIGINT)
+            stop_at = None
+        record_evaluation(run_dir, curve)
+        time.sleep(1.0)
+    record_evaluation(run_dir, curve)
+    return proc.returncode
+
+
+def record_evaluation(run_dir: Path, curve: dict[int, dict]) -> None:
+    try:
+        report = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return
+    metrics = report["stages"]["nerf"]["metrics"]
+    curve.setdefault(int(report["step"]), {k: metrics[k] for k in CURVE if k in metrics})
+
+
+def run_with_stop(args: argparse.Namespace, run_dir: Path, env: dict, curve: dict[int, dict]) -> dict:
+    """pdray run, SIGINT at --stop-at logged steps, pdray resume; returns what each phase did. Each checkpoint's
+    evaluation goes into ``curve`` (step -> metrics): how the colours settle."""
     command = [*PDRAY, "run", "--config", "image2d", "--particles", str(args.particles), "--prompt", args.prompt]
     command += ["--steps", str(args.steps), "--out", str(run_dir)]
     command += ["--set", f"checkpoint_every={args.checkpoint_every}", "--set", "wandb=off", "--set", "log_every=1"]
     started = time.perf_counter()
     log = (run_dir.parent / "run.log").open("w")
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    while proc.poll() is None and logged_steps(run_dir) < args.stop_at:
-        time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    first_rc = proc.wait()
+    run = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    first_rc = watch(run, run_dir, curve, args.stop_at)
     first_s = time.perf_counter() - started
     stopped_at = checkpoint_step(run_dir)
     print(
@@ -64,9 +88,8 @@ def run_with_stop(args: argparse.Namespace, run_dir: Path, env: dict) -> dict:
         flush=True,
     )
     started = time.perf_counter()
-    resume_rc = subprocess.run(
-        [*PDRAY, "resume", str(run_dir)], env=env, stdout=log, stderr=subprocess.STDOUT
-    ).returncode
+    resume = subprocess.Popen([*PDRAY, "resume", str(run_dir)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    resume_rc = watch(resume, run_dir, curve)
     resume_s = time.perf_counter() - started
     folder = checkpoint_folder(run_dir)
     manifest = read_manifest(folder)
@@ -101,7 +124,11 @@ def main() -> None:
         raise SystemExit(f"{run_dir} exists: give another --out")
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    phases = run_with_stop(args, run_dir, env)
+    curve: dict[int, dict] = {}
+    phases = run_with_stop(args, run_dir, env, curve)
+    print("step " + "".join(f"{c[:12]:>14}" for c in CURVE), flush=True)
+    for step, metrics in sorted(curve.items()):
+        print(f"{step:>4} " + "".join(f"{metrics.get(c, float('nan')):>14.3f}" for c in CURVE), flush=True)
     summary = json.loads((run_dir / "summary.json").read_text())
 
     judge = load_judge(TOY_MODEL_DIR / "judge")
@@ -133,6 +160,7 @@ def main() -> None:
         "time_per_step_s": summary.get("time_per_step_s"),
         "rows": {k: {c: v for c, v in r.items() if c != "judged_colours"} for k, r in rows.items()},
         "colour_entropy_ratio": ratio,
+        "curve": {str(step): metrics for step, metrics in sorted(curve.items())},
     }
     (args.out / "table.json").write_text(json.dumps(table, indent=2))
     (args.out / "table.txt").write_text("\n".join(lines) + "\n")
