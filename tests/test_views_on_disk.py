@@ -42,11 +42,17 @@ def test_views_judged_from_disk_equal_views_judged_in_memory(tmp_path, monkeypat
     assert judge_views(config, on_disk).particles == judge_views(config, in_memory).particles
 
 
-def test_the_pixel_fallback_streams_too(tmp_path):
+def test_the_pixel_fallback_streams_too(tmp_path, monkeypatch):
     config = load_config("default", ["prompt=a cube", "prior.model=some/other-model"])
     renders = [torch.rand(2, 3, 16, 16) for _ in range(3)]
     write_particles(tmp_path, renders)
     streamed = score_views(config, load_views(tmp_path))
     whole = score_views(config, dict(enumerate(load_views(tmp_path).values())))
     assert streamed["diversity_measure"] == "mean pairwise RGB distance of 32x32 renders"
+    assert streamed.pop("dominant_hue_per_particle") == whole.pop("dominant_hue_per_particle")
     assert streamed == pytest.approx(whole) and streamed["diversity"] > 0
+    read = []
+    monkeypatch.setattr(evaluate, "_frames", lambda path, frames=evaluate._frames: read.append(path) or frames(path))
+    rows = judge_views(config, load_views(tmp_path)).particles
+    assert len(read) == len(renders)  # one pass: the rows' hues come from it, not from a second read
+    assert [row["hue"] is None or 0 <= row["hue"] < 360 for row in rows] == [True] * len(renders)

@@ -87,11 +87,12 @@ def evaluate_checkpoint(config: RunConfig, group, run_dir: Path, step: int, trac
 def score_views(config: RunConfig, views: Mapping[int, torch.Tensor]) -> dict[str, Any]:
     """The pixel and toy-judge metrics of views {particle id: [V, 3, H, W] in [0, 1]}. Each particle's views are
     read once and reduced to a few numbers and a feature vector, so ``views`` can be a ``ViewsOnDisk`` of
-    thousands of particles: the views are never all in memory at once."""
+    thousands of particles: the views are never all in memory at once. ``dominant_hue_per_particle`` gives each
+    particle's hue bin for the per-particle rows."""
     toy = config.prior.model == TOY_MODEL and (TOY_MODEL_DIR / "judge").exists()
     judge = load_judge(TOY_MODEL_DIR / "judge") if toy else None
     saturation, value_total, value_count, faint, solid = 0.0, 0.0, 0, 0, 0
-    hues, agreement, confidence, colours, same_colour = set(), {}, [], [], []
+    hues, agreement, confidence, colours, same_colour = {}, {}, [], [], []
     features = small = None  # [P, D] each, filled row by row (``_put_row``)
     for i, (pid, images) in enumerate(views.items()):
         saturation += foreground_saturation(images)
@@ -99,7 +100,7 @@ def score_views(config: RunConfig, views: Mapping[int, torch.Tensor]) -> dict[st
         value_total, value_count = value_total + total, value_count + count
         faint_pixels, solid_pixels = haze_counts(images)
         faint, solid = faint + faint_pixels, solid + solid_pixels
-        hues.add(dominant_hue(images))
+        hues[pid] = dominant_hue(images)
         if judge is None:
             small = _put_row(small, i, len(views), F.interpolate(images, size=(32, 32), mode="area").flatten())
             continue
@@ -113,7 +114,8 @@ def score_views(config: RunConfig, views: Mapping[int, torch.Tensor]) -> dict[st
         "saturation": saturation / len(views),
         "brightness": value_total / value_count if value_count else 0.0,
         "haze": faint / max(solid, 1),
-        "distinct_hues": len(hues),
+        "distinct_hues": len(set(hues.values())),
+        "dominant_hue_per_particle": hues,
     }
     if judge is None:
         result["diversity"] = mean_pairwise_distance(small)
@@ -188,6 +190,7 @@ def judge_views(config: RunConfig, views: Mapping[int, torch.Tensor], clip: Clip
     """Every judge that applies to this run on views {particle id: [V, 3, H, W] in [0, 1]}; CLIP's if given.
     Each judge reads the views one particle at a time (``score_views``)."""
     metrics = score_views(config, views)
+    hues = metrics.pop("dominant_hue_per_particle")  # the particle rows carry it
     toy = "judge_agreement" in metrics
     judge_of = {k: "pixels" if k in PIXEL_METRICS or not toy else "toy" for k in metrics}
     clip_scores: dict[int, float] = {}
@@ -201,8 +204,7 @@ def judge_views(config: RunConfig, views: Mapping[int, torch.Tensor], clip: Clip
         judge_of |= dict.fromkeys(clip_metrics, "clip")
     particles = []
     colours = metrics.get("judged_colours", [])
-    for i, (pid, images) in enumerate(views.items()):
-        hue_bin = dominant_hue(images)
+    for i, (pid, hue_bin) in enumerate(hues.items()):
         row: dict[str, Any] = {"particle": pid, "hue": None if hue_bin < 0 else hue_bin * 360 // HUE_BINS}
         if pid in clip_scores:
             row["clip_score"] = clip_scores[pid]
