@@ -150,5 +150,6 @@ def test_the_toy_default_carves_views_and_the_2d_and_paper_presets_keep_theirs()
     default, image2d, paper = load_config("default"), load_config("image2d"), load_config("prolificdreamer")
     assert (default.camera.views_per_step, default.gaussian_resolution, default.gaussian_repulsion) == (4, 1, 0.5)
     assert default.mesh.views_per_step == 1
-    assert (image2d.camera.views_per_step, image2d.gaussian_resolution, image2d.gaussian_repulsion) == (1, None, 1.0)
+    assert (image2d.camera.views_per_step, image2d.gaussian_resolution, image2d.gaussian_repulsion) == (1, None, 0.5)
+    assert (image2d.steps, image2d.t_range.at_step) == (400, 100)  # the anneal switches within the run
     assert paper.camera.views_per_step == 1 and paper.particle_score == "lora"
