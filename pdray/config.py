@@ -319,10 +319,13 @@ class RunConfig(Section):
     """Variational score distillation (ProlificDreamer) or score distillation sampling (DreamFusion)."""
     cfg: Annotated[float, Field(ge=1.0)] = 7.5
     """Classifier-free guidance scale of the pretrained prediction (paper: 7.5 for VSD, 100 for SDS)."""
-    particle_score: Literal["auto", "gaussian", "lora"] = "auto"
+    particle_score: Literal["auto", "gaussian", "lora", "gaussian_lora"] = "auto"
     """VSD's score of the particles' own renders: "gaussian", a Gaussian fitted to their latents at each shared
     camera (closed form, nothing trained); "lora", the paper's camera-conditioned LoRA fitted alongside; "auto", the
-    Gaussian for two or more particles and the LoRA for one (a Gaussian fitted to one latent is SDS)."""
+    Gaussian for two or more particles and the LoRA for one (a Gaussian fitted to one latent is SDS);
+    "gaussian_lora", each where the other is blind: the Gaussian on its ``gaussian_resolution`` grid (colour and
+    layout, which a LoRA collapses to one) and the LoRA, trained as for "lora", on the detail finer than that grid,
+    where the Gaussian has only SDS's score of the particle itself."""
     gaussian_repulsion: Annotated[float, Field(ge=0.0)] = 0.5
     """Scale of the Gaussian particle score's push away from the particles' mean (1: the fit's own; 0: SDS; 0.5 kept
     the toy world's tones where 1 made them neon, README "Particles that are 3D")."""
@@ -392,7 +395,7 @@ class RunConfig(Section):
     @property
     def trains_lora(self) -> bool:
         """VSD with the CameraLoRA as the particles' score: a LoRA is trained beside the particles."""
-        return self.guidance == "vsd" and self.particle_score_used == "lora"
+        return self.guidance == "vsd" and self.particle_score_used in ("lora", "gaussian_lora")
 
     @property
     def estimator(self) -> str:
@@ -401,6 +404,12 @@ class RunConfig(Section):
             return "sds: the sampled noise (DreamFusion)"
         if self.particle_score_used == "lora":
             return "vsd with the camera-conditioned LoRA (ProlificDreamer)"
+        if self.particle_score_used == "gaussian_lora":
+            grid = self.gaussian_resolution
+            return (
+                f"vsd with a Gaussian fitted to the particles' latents per camera on a {grid}x{grid} grid and the "
+                "camera-conditioned LoRA on the finer detail"
+            )
         if self.particles == 1:
             return "sds: a Gaussian fitted to one particle has no spread, so this is SDS (particle_score=lora: VSD)"
         return "vsd with a Gaussian fitted to the particles' latents per camera: SDS plus a push from their mean"
@@ -409,14 +418,21 @@ class RunConfig(Section):
     def fits_all_particles(self) -> bool:
         """VSD with the Gaussian particle score: scoring one particle needs every particle's latents (the fit), so
         a score replica is sent every render of a step and scores only those it serves."""
-        return self.guidance == "vsd" and self.particle_score_used == "gaussian"
+        return self.guidance == "vsd" and self.particle_score_used in ("gaussian", "gaussian_lora")
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> RunConfig:
         if self.stages not in (["nerf"], ["nerf", "mesh"]):
             raise ValueError(f"stages: must be [nerf] or [nerf, mesh], in that order; got {self.stages}")
         if self.fits_all_particles and not self.camera.shared:
-            raise ValueError("particle_score: gaussian needs camera.shared: true (one fit per shared camera)")
+            raise ValueError(
+                f"particle_score: {self.particle_score_used} needs camera.shared: true (one fit per shared camera)"
+            )
+        if self.particle_score == "gaussian_lora" and self.gaussian_resolution is None:
+            raise ValueError(
+                "particle_score: gaussian_lora needs gaussian_resolution set: the LoRA scores the detail finer than "
+                "the Gaussian's grid, and with none the Gaussian takes every latent pixel"
+            )
         if "mesh" in self.stages and self.particle != "nerf":
             raise ValueError("stages: the mesh stage needs NeRF particles; image particles take stages=[nerf]")
         replicas = self.ray.score_replicas

@@ -136,6 +136,16 @@ def test_the_estimator_is_said_plainly_and_one_gaussian_particle_is_sds():
     assert load_config("default", ["particles=1", "particle_score=lora"]).estimator.startswith("vsd with the camera")
 
 
+def test_gaussian_lora_fits_the_gaussian_and_trains_the_lora_and_needs_a_coarse_grid():
+    both = load_config("default", ["particles=4", "particle_score=gaussian_lora", "gaussian_resolution=2"])
+    assert (both.particle_score_used, both.fits_all_particles, both.trains_lora) == ("gaussian_lora", True, True)
+    assert "2x2 grid and the camera-conditioned LoRA" in both.estimator
+    with pytest.raises(ConfigError, match="gaussian_lora needs gaussian_resolution set"):
+        load_config("default", ["particle_score=gaussian_lora", "gaussian_resolution=null"])
+    with pytest.raises(ConfigError, match=r"gaussian_lora needs camera\.shared"):
+        load_config("default", ["particle_score=gaussian_lora", "camera.shared=false"])
+
+
 def test_auto_fits_a_gaussian_to_many_particles_and_trains_the_lora_for_one():
     many, one = load_config("default", ["particles=2"]), load_config("default", ["particles=1"])
     assert many.particle_score == one.particle_score == "auto"

@@ -39,7 +39,7 @@ def two_actors(cfg):
     return [ParticleGroup(cfg, ids, prior) for ids in ([0, 1], [2, 3])]
 
 
-@pytest.mark.parametrize("score", ["gaussian", "lora"])
+@pytest.mark.parametrize("score", ["gaussian", "lora", "gaussian_lora"])
 def test_two_replicas_give_one_replica_s_gradients_and_lora_bit_for_bit(tiny_model, score):
     cfg = config(tiny_model, f"particle_score={score}", "lora.steps_per_update=2", "camera.views_per_step=2")
     groups = two_actors(cfg)
@@ -48,14 +48,14 @@ def test_two_replicas_give_one_replica_s_gradients_and_lora_bit_for_bit(tiny_mod
     for step in range(3):
         renders = [g.render(step)[0] for g in groups]
         expected, _ = one.grads(step, *renders)
-        if score == "gaussian":  # each replica scores its own render, fitted from both actors' moments
+        if cfg.fits_all_particles:  # each replica scores its own render, fitted from both actors' moments
             moments = add_moments(*(replicas[r].moments(renders[r]) for r in range(2)))
             got = [replicas[r].grads(step, renders[r], moments=moments)[0][0] for r in range(2)]
         else:
             got = [replicas[r].grads(step, renders[r])[0][0] for r in range(2)]
         for e, g in zip(expected, got, strict=True):
             assert torch.equal(e, g)
-        if score == "gaussian":
+        if not cfg.trains_lora:
             continue
         one.lora_update(step, *renders)
         for k in range(cfg.lora.steps_per_update):  # the all-reduce the Ray layer wires: cut, reduce, join, apply

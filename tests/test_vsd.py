@@ -6,6 +6,7 @@ import torch
 from pdray.config import load_config
 from pdray.priors.diffusion import DiffusionPrior
 from pdray.vsd.checkpoint import load_checkpoint, save_checkpoint
+from pdray.vsd.distill import coarse
 from pdray.vsd.lora import CameraLoRA
 from pdray.vsd.particle import ParticleGroup
 from pdray.vsd.score import ScoreEstimator
@@ -65,7 +66,7 @@ def test_lora_on_a_separate_v_prediction_base(tiny_model, tiny_v_model):
     assert loss > 0
 
 
-@pytest.mark.parametrize("particle_score", ["gaussian", "lora"])
+@pytest.mark.parametrize("particle_score", ["gaussian", "lora", "gaussian_lora"])
 @pytest.mark.parametrize("particle", ["nerf", "image"])
 def test_gradients_reach_particle_parameters(tiny_model, particle, particle_score):
     config = tiny_config(tiny_model, f"particle={particle}", f"particle_score={particle_score}")
@@ -81,6 +82,28 @@ def test_gradients_reach_particle_parameters(tiny_model, particle, particle_scor
     after = group.state_tensors()
     changed = [k for k, v in before.items() if not torch.equal(after[k], v)]
     assert any(k.startswith("0000.") for k in changed) and any(k.startswith("0001.") for k in changed)
+
+
+def test_gaussian_lora_takes_the_gaussian_s_coarse_gradient_and_the_lora_s_finer_one(tiny_model):
+    """Over two steps and a LoRA update: the hybrid's gradient on the Gaussian's 2x2 grid is the Gaussian run's, and
+    what is finer than the grid is the LoRA run's (the same draws, the same LoRA)."""
+    configs = {
+        score: tiny_config(tiny_model, f"particle_score={score}", "gaussian_resolution=2")
+        for score in ("gaussian", "lora", "gaussian_lora")
+    }
+    group = ParticleGroup(configs["gaussian_lora"], [0, 1], DiffusionPrior(tiny_model, device="cpu"))
+    scores = {name: ScoreEstimator(c, DiffusionPrior(tiny_model, device="cpu")) for name, c in configs.items()}
+    for step in range(2):
+        render, _ = group.render(step)
+        grads = {name: score.grads(step, render)[0][0] for name, score in scores.items()}
+        both = grads["gaussian_lora"]
+        assert torch.allclose(coarse(both, 2), coarse(grads["gaussian"], 2), atol=1e-5)
+        assert torch.allclose(both - coarse(both, 2), grads["lora"] - coarse(grads["lora"], 2), atol=1e-5)
+        assert not torch.allclose(both, grads["gaussian"], atol=1e-3)
+        assert not torch.allclose(both, grads["lora"], atol=1e-3)
+        for name in ("lora", "gaussian_lora"):
+            scores[name].lora_update(step, render)
+        assert scores["lora"].lora_digest() == scores["gaussian_lora"].lora_digest()
 
 
 @pytest.mark.parametrize("overrides", [["guidance=sds", "cfg=100"], ["particle_score=gaussian"]])

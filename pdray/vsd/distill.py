@@ -103,6 +103,13 @@ def coarse(latents: torch.Tensor, resolution: int | None) -> torch.Tensor:
     return torch.nn.functional.interpolate(pooled, size=(h, w), mode="nearest")
 
 
+def coarse_and_fine(coarse_score: torch.Tensor, fine_score: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    """One score [B, C, h, w] from two estimators: ``coarse_score``'s part on the ``resolution`` grid (``coarse``)
+    and ``fine_score``'s part finer than it (particle_score gaussian_lora: the Gaussian's colour and layout, the
+    LoRA's detail)."""
+    return coarse(coarse_score, resolution) + fine_score - coarse(fine_score, resolution)
+
+
 def camera_moments(latents: torch.Tensor, keys: torch.Tensor) -> CameraMoments:
     """The per-camera sums of latents [B, C, h, w] whose cameras are the rows of keys [B, D] (float64 sums)."""
     unique, index = torch.unique(keys.float(), dim=0, return_inverse=True)

@@ -2,9 +2,10 @@
 
 ``grads(step, renders)`` returns one gradient tensor per RenderOut (SDS or VSD). VSD's particle score is a
 Gaussian fitted to all particles' latents at each shared camera (``particle_score: gaussian``: from per-camera
-moments that every particle actor sums over its own particles and that add up across actors and replicas), or the
+moments that every particle actor sums over its own particles and that add up across actors and replicas), the
 CameraLoRA (``lora``), which ``lora_update(step, renders)`` fits to the same detached latents with fresh t and
-noise. A Ray ScoreActor wraps this class; the local executor calls it directly.
+noise, or both (``gaussian_lora``: the Gaussian on its coarse grid, the LoRA finer). A Ray ScoreActor wraps this
+class; the local executor calls it directly.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pdray.types import CameraMoments, LoraGrads, RenderOut
 from pdray.vsd.checkpoint import load_optimizer_tensors, optimizer_tensors
 from pdray.vsd.distill import (
     coarse,
+    coarse_and_fine,
     gaussian_push,
     moments_fit,
     render_moments,
@@ -144,6 +146,8 @@ class ScoreEstimator:
                 lora_started = time.perf_counter()
                 eps_lora = self.lora.predict_eps(x_t[sl], t[sl], cond[sl], c2w[sl], uncond[sl])
                 lora_time += time.perf_counter() - lora_started
+                if self.config.fits_all_particles:  # gaussian_lora: the Gaussian on its grid, the LoRA finer
+                    eps_lora = coarse_and_fine(eps_particles[sl], eps_lora, self.config.gaussian_resolution)
                 out.append(vsd_grad(eps_pre, eps_lora, a[sl]))
         grad = torch.cat(out).cpu()
         sizes = [r.latents.shape[0] for r in renders]
