@@ -394,7 +394,8 @@ class RunConfig(Section):
 
     @property
     def trains_lora(self) -> bool:
-        """VSD with the CameraLoRA as the particles' score: a LoRA is trained beside the particles."""
+        """VSD with the CameraLoRA in the particles' score (all of it, or the detail under gaussian_lora): a LoRA is
+        trained beside the particles."""
         return self.guidance == "vsd" and self.particle_score_used in ("lora", "gaussian_lora")
 
     @property
