@@ -37,6 +37,18 @@ from pdray.priors.toyworld.judge import load_judge
 from pdray.vsd.checkpoint import checkpoint_folder, checkpoint_step, read_manifest
 
 PDRAY = [str(Path(sys.executable).with_name("pdray"))]  # the installed command, as a user runs it
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+
+def image2d_run(args: argparse.Namespace, run_dir: Path, overrides: list[str]) -> list[str]:
+    """``pdray run --config image2d`` for ``args``' particles, prompt, steps and checkpoint interval, W&B off."""
+    command = [*PDRAY, "run", "--config", "image2d", "--particles", str(args.particles), "--prompt", args.prompt]
+    command += ["--steps", str(args.steps), "--out", str(run_dir)]
+    for override in [f"checkpoint_every={args.checkpoint_every}", "wandb=off", *overrides]:
+        command += ["--set", override]
+    return command
+
+
 COLUMNS = ("colour_entropy_fraction", "distinct_hues", "hue_entropy", "saturation", "brightness", "haze", "agreement")
 
 
@@ -73,9 +85,7 @@ def record_evaluation(run_dir: Path, curve: dict[int, dict]) -> None:
 def run_with_stop(args: argparse.Namespace, run_dir: Path, env: dict, curve: dict[int, dict]) -> dict:
     """pdray run, SIGINT at --stop-at logged steps, pdray resume; returns what each phase did. Each checkpoint's
     evaluation goes into ``curve`` (step -> metrics): how the colours settle."""
-    command = [*PDRAY, "run", "--config", "image2d", "--particles", str(args.particles), "--prompt", args.prompt]
-    command += ["--steps", str(args.steps), "--out", str(run_dir)]
-    command += ["--set", f"checkpoint_every={args.checkpoint_every}", "--set", "wandb=off", "--set", "log_every=1"]
+    command = image2d_run(args, run_dir, ["log_every=1"])
     started = time.perf_counter()
     log = (run_dir.parent / "run.log").open("w")
     run = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -123,9 +133,8 @@ def main() -> None:
     if run_dir.exists():
         raise SystemExit(f"{run_dir} exists: give another --out")
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     curve: dict[int, dict] = {}
-    phases = run_with_stop(args, run_dir, env, curve)
+    phases = run_with_stop(args, run_dir, ENV, curve)
     print("step " + "".join(f"{c[:12]:>14}" for c in CURVE), flush=True)
     for step, metrics in sorted(curve.items()):
         print(f"{step:>4} " + "".join(f"{metrics.get(c, float('nan')):>14.3f}" for c in CURVE), flush=True)

@@ -15,26 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 
-from scale_long import CURVE, PDRAY, watch
+from scale_long import CURVE, ENV, image2d_run, watch
 
 
 def run_variant(args: argparse.Namespace, name: str, overrides: str) -> dict[int, dict]:
     run_dir = args.out / name
-    command = [*PDRAY, "run", "--config", "image2d", "--particles", str(args.particles), "--prompt", args.prompt]
-    command += ["--steps", str(args.steps), "--out", str(run_dir)]
-    command += ["--set", f"checkpoint_every={args.checkpoint_every}", "--set", "wandb=off"]
-    for override in overrides.split():
-        command += ["--set", override]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    command = image2d_run(args, run_dir, overrides.split())
     curve: dict[int, dict] = {}
     started = time.perf_counter()
     with (args.out / f"{name}.log").open("w") as log:
-        rc = watch(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), run_dir, curve)
+        rc = watch(subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT), run_dir, curve)
     if rc != 0:
         raise SystemExit(f"{name}: pdray run exited {rc}; see {args.out / f'{name}.log'}")
     print(f"{name} [{overrides}]: {time.perf_counter() - started:.0f} s", flush=True)
